@@ -1,0 +1,5 @@
+import sys
+
+from megatron_cpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``megatron-cpt`` command: one subcommand per stage of the study.
+
+Each stage module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed namespace, returns an exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_cpt.errors import UsageError
+
+# (module, what it does) in pipeline order; modules are imported lazily per subcommand.
+STAGES = {
+    "prep": ("data_prep.cli", "prepare data: domain classifier, filtering, decontamination, tokenization"),
+    "convert": ("megatron_cpt.cli.convert", "convert checkpoints (HF <-> Megatron) and verify conversions"),
+    "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-cpt",
+        description="Continued pretraining of Qwen2.5 on Megatron-core for the domain "
+        "specialization x model size study. Each subcommand is one stage; "
+        "run `megatron-cpt <stage> --help` for its options.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (module, help_text) in STAGES.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
+        importlib.import_module(module).register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    stage = argv[0] if argv and argv[0] in STAGES else None
+    args = build_parser(only=stage).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"megatron-cpt {args.stage}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

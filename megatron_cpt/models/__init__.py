@@ -1,0 +1,6 @@
+"""Qwen2.5 model zoo on Megatron-core."""
+from megatron_cpt.models.qwen2 import (BuildOptions, ModelConfig, build_gpt_model, layer_spec,
+                                       transformer_config, transformer_engine_available)
+
+__all__ = ["BuildOptions", "ModelConfig", "build_gpt_model", "layer_spec", "transformer_config",
+           "transformer_engine_available"]

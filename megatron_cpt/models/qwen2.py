@@ -1,0 +1,265 @@
+"""Qwen2.5 architectures as Megatron-core GPT models.
+
+A :class:`ModelConfig` holds the architecture (what ``config.json`` of a Hugging Face
+Qwen2 model holds) and nothing about parallelism or precision; :func:`build_gpt_model`
+turns it into a Megatron ``GPTModel`` for one pipeline stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from megatron_cpt.errors import UsageError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+HF_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen2-family decoder. Field names follow Megatron's ``TransformerConfig``."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int  # rows of the HF embedding (config.json vocab_size), not the tokenizer size
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 32768
+    rotary_base: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    seq_length: int = 4096
+    # Megatron pads embedding rows to a multiple of this; Qwen2.5's HF rows already are,
+    # so the padded size equals the HF row count (never derive it from the tokenizer size).
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the HF model (unpadded vocabulary)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h
+        layer = attn + 3 * h * f + 2 * h
+        n = self.num_layers * layer + h
+        if include_embeddings:
+            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return n
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise UsageError when TP/PP cannot split this architecture."""
+        if tp < 1 or pp < 1:
+            raise UsageError(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+        if self.num_attention_heads % tp:
+            raise UsageError(f"TP={tp} does not divide {self.name}'s {self.num_attention_heads} "
+                             "attention heads; choose a TP that divides it")
+        if self.num_query_groups % tp:
+            raise UsageError(f"TP={tp} does not divide {self.name}'s {self.num_query_groups} kv "
+                             "heads (query groups); choose a TP that divides it")
+        if self.num_layers % pp:
+            raise UsageError(f"PP={pp} does not divide {self.name}'s {self.num_layers} layers; "
+                             "choose a PP that divides it")
+        if self.padded_vocab_size % tp:
+            raise UsageError(f"TP={tp} does not divide the {self.padded_vocab_size} embedding "
+                             "rows; raise make_vocab_size_divisible_by")
+
+    # -- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "ModelConfig":
+        """Load ``configs/models/<name>.yaml`` or a YAML path."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise UsageError(f"model config {name_or_path!r} not found; known: {known}")
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], name: str = "hf") -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` dict; refuse anything that is not Qwen2."""
+        archs = cfg.get("architectures") or []
+        if not any(a in HF_ARCHITECTURES for a in archs):
+            raise UsageError(f"unsupported architectures {archs} in config.json; "
+                             f"supported: {list(HF_ARCHITECTURES)} (Qwen2 / Qwen2.5)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UsageError(f"unsupported hidden_act {cfg['hidden_act']!r}; Qwen2 uses silu")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if head_dim * heads != cfg["hidden_size"]:
+            raise UsageError("head_dim * num_attention_heads != hidden_size is not supported")
+        rope = cfg.get("rope_theta")
+        if rope is None:
+            rope = (cfg.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0)
+        return cls(
+            name=name,
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads", heads),
+            ffn_hidden_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            rotary_base=float(rope),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        )
+
+    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The ``config.json`` of the equivalent ``Qwen2ForCausalLM``."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rotary_base,
+            "rms_norm_eps": self.norm_eps,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+            "initializer_range": 0.02,
+            "torch_dtype": torch_dtype,
+        }
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine's PyTorch extension is importable."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install falls back to the local spec
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to instantiate (not what): parallelism, precision, kernels."""
+
+    tp: int = 1
+    pp: int = 1
+    params_dtype: torch.dtype = torch.float32
+    use_te: bool | None = None  # None: TE when it imports
+    sequence_parallel: bool = False
+    init_weights: bool = True  # False when a checkpoint will overwrite every weight
+    init_method_std: float = 0.02
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransformerConfig extras
+
+
+def transformer_config(model: ModelConfig, opts: BuildOptions):
+    """Megatron ``TransformerConfig`` for ``model`` under ``opts``."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    half = opts.params_dtype in (torch.bfloat16, torch.float16)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=opts.init_method_std,
+        tensor_model_parallel_size=opts.tp,
+        pipeline_model_parallel_size=opts.pp,
+        sequence_parallel=opts.sequence_parallel and opts.tp > 1,
+        params_dtype=opts.params_dtype,
+        pipeline_dtype=opts.params_dtype,
+        bf16=opts.params_dtype == torch.bfloat16,
+        fp16=opts.params_dtype == torch.float16,
+        autocast_dtype=opts.params_dtype if half else None,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=opts.init_weights,
+        # fused kernels are CUDA-only
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=on_gpu,
+        gradient_accumulation_fusion=False,
+        **opts.extra,
+    )
+
+
+def layer_spec(use_te: bool):
+    """TE spec (fused norms + FP8-capable linears) or the local spec.
+
+    Both save the same dist-checkpoint keys: the local spec maps ``input_layernorm.`` to
+    ``self_attention.linear_qkv.layer_norm_`` through ``sharded_state_dict_keys_map``.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(model: ModelConfig, opts: BuildOptions):
+    """A ``GPTModel`` for this rank's pipeline stage (model-parallel groups must exist)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = transformer_engine_available() if opts.use_te is None else opts.use_te
+    config = transformer_config(model, opts)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(model.rotary_base),
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt

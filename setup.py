@@ -1,0 +1,33 @@
+"""megatron-cpt: continued pretraining of Qwen2.5 on Megatron-core for the
+domain-specialization x model-size study (arXiv 2501.02068)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-cpt",
+    version="0.1.0",
+    description="Compute-budgeted continued pretraining on Megatron-core: data prep, "
+    "Qwen2.5 conversion, TP/PP/DP training, SLURM launch, evaluation and reports.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_cpt*", "data_prep*", "eval*"]),
+    package_data={"": ["*.yaml", "*.jsonl", "*.json"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is not pinned here so NGC / cluster builds of torch are kept;
+        # `make setup` pins it exactly through constraints.txt.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "psutil",  # imported (undeclared) by megatron-core's checkpoint writer
+        "transformers>=4.45",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "eval": ["lm-eval[hf]"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["megatron-cpt=megatron_cpt.cli:main"]},
+)
