@@ -153,8 +153,9 @@ class ModelConfig:
             "rms_norm_eps": self.norm_eps,
             "attention_dropout": 0.0,
             "use_sliding_window": False,
-            "bos_token_id": 151643,
-            "eos_token_id": 151643,
+            # Qwen2.5 base: <|endoftext|> is both BOS and EOD (tiny test vocabularies lack it)
+            "bos_token_id": 151643 if self.vocab_size > 151643 else None,
+            "eos_token_id": 151643 if self.vocab_size > 151643 else None,
             "initializer_range": 0.02,
             "torch_dtype": torch_dtype,
         }

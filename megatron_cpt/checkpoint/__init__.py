@@ -1,0 +1,1 @@
+"""Checkpoints: the on-disk format, HF <-> Megatron conversion, verification."""
