@@ -121,3 +121,34 @@ def load_model_weights(model, ckpt: Path) -> None:
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise RuntimeError(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
+
+
+def save_checkpoint(sharded_state_dict: dict, out: Path, model_cfg: ModelConfig,
+                    meta: dict[str, Any], tokenizer_dir: Path | None = None) -> None:
+    """Collective, atomic save of a full checkpoint folder from every rank's shards.
+
+    Rank 0 names a temporary sibling folder; all ranks write their shards into it; rank 0
+    writes metadata.json last and renames the folder to ``out``.
+    """
+    import torch.distributed as dist
+
+    from megatron_cpt.checkpoint.hf_files import copy_tokenizer
+
+    out = Path(out)
+    rank = dist.get_rank()
+    name = [f".{out.name}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = out.parent / name[0]
+    if rank == 0:
+        tmp.mkdir(parents=True)
+        model_cfg.save(tmp / MODEL_YAML)
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER)
+    save_weights(sharded_state_dict, tmp)
+    dist.barrier()
+    if rank == 0:
+        write_metadata(tmp, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    dist.barrier()

@@ -62,6 +62,19 @@ def verify(hf_dir: Path, ckpt: Path, tp: int = 1, pp: int = 1, dtype: str = "flo
            json_out: Path | None = None) -> tuple[VerifyResult | None, bool]:
     """Collective over TP*PP ranks. Returns ``(result, ok)``: the result on the last
     pipeline stage's first TP rank (None elsewhere); every rank learns ``ok``."""
+    model_cfg = store.read_model_config(ckpt)
+    if dtype not in store.DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {sorted(store.DTYPES)}")
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise UsageError(f"{hf_dir}/config.json not found; --hf must be a Hugging Face model folder")
+    check_world(model_cfg, tp, pp)
+    return compare(hf_dir, ckpt, tp, pp, dtype, tolerance, seq, json_out)
+
+
+def compare(hf_dir: Path, ckpt: Path, tp: int, pp: int, dtype: str = "float32",
+            tolerance: float = 1e-4, seq: int = 64,
+            json_out: Path | None = None) -> tuple[VerifyResult | None, bool]:
+    """:func:`verify` without the world-size check (the world may hold several DP replicas)."""
     from megatron.core import parallel_state
 
     from megatron_cpt.models.forward import forward_logits
@@ -69,11 +82,6 @@ def verify(hf_dir: Path, ckpt: Path, tp: int = 1, pp: int = 1, dtype: str = "flo
     from megatron_cpt.runtime import init_distributed
 
     model_cfg = store.read_model_config(ckpt)
-    if dtype not in store.DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}; choose one of {sorted(store.DTYPES)}")
-    if not (Path(hf_dir) / "config.json").is_file():
-        raise UsageError(f"{hf_dir}/config.json not found; --hf must be a Hugging Face model folder")
-    check_world(model_cfg, tp, pp)
     torch_dtype = store.DTYPES[dtype]
     init_distributed(tp=tp, pp=pp, seed=0)
     gpt = build_gpt_model(model_cfg, BuildOptions(tp=tp, pp=pp, params_dtype=torch_dtype,
@@ -83,7 +91,8 @@ def verify(hf_dir: Path, ckpt: Path, tp: int = 1, pp: int = 1, dtype: str = "flo
     tokens = fixed_batch(model_cfg.vocab_size, seq=seq)
     logits = forward_logits(gpt, tokens, vocab_size=model_cfg.vocab_size)
     reporter = (parallel_state.is_pipeline_last_stage()
-                and parallel_state.get_tensor_model_parallel_rank() == 0)
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
     result = None
     ok = torch.zeros(1)
     if reporter:
