@@ -98,8 +98,8 @@ def _parse_item(record, where: str, lineno: int) -> ExamItem:
         raise UsageError(f"{where}: field 'choices' must be a list of strings, got "
                          f"{type(choices).__name__}")
     if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        raise UsageError(f"{where}: {len(choices)} choices; give between {MIN_CHOICES} and "
-                         f"{MAX_CHOICES} choices")
+        raise UsageError(f"{where}: {len(choices)} choice(s); give between {MIN_CHOICES} "
+                         f"and {MAX_CHOICES} choices")
     for i, choice in enumerate(choices):
         if not _is_text(choice):
             raise UsageError(f"{where}: choice {i} must be a non-empty string, got {choice!r}")
@@ -166,8 +166,7 @@ def load_exam(path) -> list[ExamItem]:
             if hit is not None:
                 raise UsageError(
                     f"{path}:{item.line}: {item.split} question {item.id!r} repeats {other} "
-                    f"question {hit.id!r} (line {hit.line}); remove it or move it to the "
-                    f"{other} split")
+                    f"question {hit.id!r} (line {hit.line}); remove or rewrite one of the two")
     return items
 
 

@@ -97,8 +97,8 @@ BAD_CASES = {
     "id not a string": (_good(9, id=7), "'id' must be a non-empty string"),
     "choices not a list": (_good(9, choices="A B C D"), "'choices' must be a list"),
     "choice not a string": (_good(9, choices=["a", 2, "c"]), "choice 1 must be"),
-    "one choice": (_good(9, choices=["only"], answer=0), "1 choices; give between 2 and 6"),
-    "seven choices": (_good(9, choices=list("abcdefg")), "7 choices; give between 2 and 6"),
+    "one choice": (_good(9, choices=["only"], answer=0), "1 choice(s); give between 2 and 6"),
+    "seven choices": (_good(9, choices=list("abcdefg")), "7 choice(s); give between 2 and 6"),
     "duplicate choices": (_good(9, choices=["Yes", "no", "yes "]), "choices 0 and 2 are the same"),
     "answer out of range": (_good(9, answer=4), "answer 4 is out of range for 4 choices"),
     "negative answer": (_good(9, answer=-1), "answer -1 is out of range"),
@@ -230,3 +230,11 @@ def test_acc_norm_refuses_bad_lengths():
         acc_norm([[-1.0, -2.0]], [0], [[1.0]])
     with pytest.raises(ValueError, match="positive"):
         acc_norm([[-1.0, -2.0]], [0], [[1.0, 0.0]])
+
+
+def test_exams_and_metrics_do_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, eval.exams, eval.metrics; "
+            "sys.exit('torch' in sys.modules or 'megatron.core' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
