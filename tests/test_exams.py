@@ -2,6 +2,7 @@
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -53,8 +54,8 @@ def test_sample_exam_field_order(name):
 
 
 def _record(**overrides):
-    record = {"id": "x-dev-001", "split": "dev", "subject": "s", "question": "What is one plus one?",
-              "choices": ["1", "2", "3", "4"], "answer": 1}
+    record = {"id": "x-dev-001", "split": "dev", "subject": "s",
+              "question": "What is one plus one?", "choices": ["1", "2", "3", "4"], "answer": 1}
     record.update(overrides)
     return {k: v for k, v in record.items() if v is not _DROP}
 
@@ -99,7 +100,8 @@ BAD_CASES = {
     "choice not a string": (_good(9, choices=["a", 2, "c"]), "choice 1 must be"),
     "one choice": (_good(9, choices=["only"], answer=0), "1 choice(s); give between 2 and 6"),
     "seven choices": (_good(9, choices=list("abcdefg")), "7 choice(s); give between 2 and 6"),
-    "duplicate choices": (_good(9, choices=["Yes", "no", "yes "]), "choices 0 and 2 are the same"),
+    "duplicate choices": (_good(9, choices=["Yes", "no", "yes "]),
+                          "choices 0 and 2 are the same"),
     "answer out of range": (_good(9, answer=4), "answer 4 is out of range for 4 choices"),
     "negative answer": (_good(9, answer=-1), "answer -1 is out of range"),
     "answer is a letter": (_good(9, answer="B"), "'answer' must be an integer index"),
@@ -172,7 +174,7 @@ LOGLIKS = [
 ANSWERS = [0, 1, 2]             # q0 right, q1 wrong, q2 right -> acc = 2/3
 LENGTHS = [
     [1, 4, 4, 4],               # q0: normalized -1.0, -0.5, -0.75, -1.0 -> B (wrong)
-    [9, 12, 2, 16],             # q1: -1.0, -0.5, -2.0, -0.5 -> B (tie with D, lowest index wins; right)
+    [9, 12, 2, 16],             # q1: -1.0, -0.5, -2.0, -0.5 -> B (ties D; lowest index wins; right)
     [10, 11, 2, 14],            # q2: -0.5, -0.5, -1.0, -0.5 -> A (wrong)
 ]
 
@@ -237,4 +239,5 @@ def test_exams_and_metrics_do_not_import_torch():
     import sys
     code = ("import sys, eval.exams, eval.metrics; "
             "sys.exit('torch' in sys.modules or 'megatron.core' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    repo = Path(__file__).resolve().parents[1]
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0
