@@ -9,7 +9,7 @@ setup(
     "Qwen2.5 conversion, TP/PP/DP training, SLURM launch, evaluation and reports.",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_cpt*", "data_prep*", "eval*"]),
-    package_data={"": ["*.yaml", "*.jsonl", "*.json"]},
+    package_data={"": ["*.yaml", "*.jsonl", "*.json"], "eval": ["exams/*.jsonl"]},
     include_package_data=True,
     install_requires=[
         # torch is not pinned here so NGC / cluster builds of torch are kept;
