@@ -15,6 +15,7 @@ from megatron_cpt.errors import UsageError
 STAGES = {
     "prep": ("data_prep.cli", "prepare data: domain classifier, filtering, decontamination, tokenization"),
     "convert": ("megatron_cpt.cli.convert", "convert checkpoints (HF <-> Megatron) and verify conversions"),
+    "eval": ("eval.cli", "evaluate: lm-eval tasks for exams, score checkpoints in place"),
     "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
 }
 

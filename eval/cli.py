@@ -1,0 +1,63 @@
+"""``megatron-cpt eval``: lm-eval tasks for exams, and scoring checkpoints in place."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub, name: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    ev = parser.add_subparsers(dest="eval_cmd", metavar="CMD", required=True)
+
+    p = ev.add_parser("tasks", help="write lm-eval task YAMLs for exam files",
+                      description="Validate exam JSONL files and write one lm-eval task per exam "
+                      "and scored split (mcpt_<exam>_val, mcpt_<exam>_test) into --out. Run them with "
+                      "the stock harness: lm_eval --include_path OUT --tasks mcpt_legal_test ...")
+    p.add_argument("--exams", nargs="+", type=Path, required=True, help="exam JSONL files")
+    p.add_argument("--out", type=Path, required=True, help="folder for the task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=5, help="dev questions before each question")
+    p.add_argument("--prompt-file", type=Path,
+                   help="Jinja template for one question (default: question, lettered options, 'Answer:')")
+    p.set_defaults(func=_tasks)
+
+    p = ev.add_parser("score", help="score one checkpoint with the native backend (torchrun)",
+                      description="Score a Megatron checkpoint on lm-eval tasks without export, "
+                      "at any TP/PP: torchrun --nproc_per_node TP*PP -m megatron_cpt eval score ...")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--tasks-dir", type=Path, required=True, help="output of `eval tasks`")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument("--out", type=Path, required=True, help="JSON with metrics and per-question records")
+    p.set_defaults(func=_score)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from eval.tasks import DEFAULT_PROMPT, write_tasks
+
+    prompt = args.prompt_file.read_text() if args.prompt_file else DEFAULT_PROMPT
+    names = write_tasks(args.exams, args.out, num_fewshot=args.num_fewshot, prompt=prompt)
+    print(f"wrote {len(names)} tasks to {args.out}: {', '.join(names)}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch.distributed as dist
+
+    from eval.scoring import evaluate_checkpoint, write_json
+    from megatron_cpt.runtime import shutdown
+
+    result = evaluate_checkpoint(args.ckpt, args.tasks_dir, args.tasks.split(","), tp=args.tp,
+                                 pp=args.pp, batch_size=args.batch_size, limit=args.limit)
+    if result is not None:
+        write_json(args.out, result)
+        for task, m in result["metrics"].items():
+            print(f"{task}: acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} "
+                  f"answer_ppl {m['answer_ppl']:.4g} n {m['n']}")
+    shutdown()
+    return 0

@@ -1,0 +1,50 @@
+"""Score one checkpoint on lm-eval tasks with the native backend; keep per-question records."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def evaluate_checkpoint(ckpt: Path, tasks_dir: Path, tasks: list[str], tp: int = 1, pp: int = 1,
+                        batch_size: int = 16, limit: int | None = None) -> dict | None:
+    """Collective over TP*PP ranks. Returns ``{"metrics": {task: {...}}, "samples": {task:
+    [per-question records]}}`` on global rank 0 (lm-eval reports on one process), else None."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from eval.native import MegatronCPTLM
+
+    lm = MegatronCPTLM(str(ckpt), tp=tp, pp=pp, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(tasks_dir)),
+        limit=limit, log_samples=True, bootstrap_iters=0, verbosity="WARNING")
+    return summarize(out) if out is not None else None
+
+
+def summarize(out: dict) -> dict:
+    """lm-eval's result dict -> our metrics and per-question records."""
+    metrics, samples = {}, {}
+    for task, values in out["results"].items():
+        metrics[task] = {m.split(",")[0]: v for m, v in values.items()
+                         if m.split(",")[0] in ("acc", "acc_norm", "answer_ppl")}
+        recs = []
+        for s in out["samples"].get(task, []):
+            lls = [float(r[0]) for r in (x[0] if isinstance(x[0], (list, tuple)) else x
+                                         for x in s["filtered_resps"])]
+            recs.append({"id": s["doc"]["id"], "subject": s["doc"].get("subject"),
+                         "answer": int(s["doc"]["answer"]), "logliks": lls})
+        samples[task] = recs
+        metrics[task]["n"] = len(recs)
+    return {"metrics": metrics, "samples": samples}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
+    tmp.replace(path)
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -1,0 +1,91 @@
+"""Write lm-eval task YAMLs for exam files, so any exam runs with the stock harness.
+
+For exam ``E`` and scored split ``S`` (val, test) the task ``mcpt_E_S`` asks each question
+with ``num_fewshot`` dev questions before it (the first ones, in file order: the same prompt
+for every checkpoint) and scores the letters A.. as continuations.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from eval.exams import LETTERS, by_split, load_exam
+
+DEFAULT_PROMPT = ("{{question.strip()}}\n"
+                  "{% for c in choices %}{{ 'ABCDEF'[loop.index0] }}. {{ c }}\n{% endfor %}"
+                  "Answer:")
+SCORED_SPLITS = ("val", "test")
+
+
+class _FunctionTag(str):
+    """Dumped as lm-eval's ``!function`` YAML tag."""
+
+
+yaml.SafeDumper.add_representer(
+    _FunctionTag, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def task_name(exam: str, split: str) -> str:
+    return f"mcpt_{exam}_{split}"
+
+
+def _write_split(items, path: Path) -> None:
+    with path.open("w") as f:
+        for it in items:
+            f.write(json.dumps({"id": it.id, "subject": it.subject, "question": it.question,
+                                "choices": list(it.choices), "answer": it.answer,
+                                "letters": list(LETTERS[: len(it.choices)])}) + "\n")
+
+
+def write_tasks(exams: list[Path], out: Path, num_fewshot: int = 5,
+                prompt: str = DEFAULT_PROMPT, splits=SCORED_SPLITS) -> list[str]:
+    """Validate ``exams`` and write one task YAML per exam and split into ``out``.
+    Returns the task names. Data paths in the YAMLs are absolute."""
+    out = Path(out).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(__file__).with_name("task_utils.py"), out / "utils.py")
+    names = []
+    for exam_path in exams:
+        exam = Path(exam_path).stem
+        items = load_exam(exam_path)
+        dev = by_split(items, "dev")
+        files = {"dev": out / "data" / f"{exam}.dev.jsonl"}
+        _write_split(dev, files["dev"])
+        for split in splits:
+            scored = by_split(items, split)
+            if not scored:
+                continue
+            files[split] = out / "data" / f"{exam}.{split}.jsonl"
+            _write_split(scored, files[split])
+            name = task_name(exam, split)
+            task = {
+                "task": name,
+                "tag": [f"mcpt_{split}", f"mcpt_{exam}"],
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"dev": str(files["dev"]), split: str(files[split])}},
+                "test_split": split,
+                "fewshot_split": "dev",
+                "num_fewshot": min(num_fewshot, len(dev)),
+                "fewshot_config": {"sampler": "first_n"},
+                "output_type": "multiple_choice",
+                "doc_to_text": prompt,
+                "doc_to_choice": "letters",
+                "doc_to_target": "answer",
+                "target_delimiter": " ",
+                "fewshot_delimiter": "\n\n",
+                "process_results": _FunctionTag("utils.process_results"),
+                "metric_list": [
+                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "answer_ppl",
+                     "aggregation": _FunctionTag("utils.perplexity_of_mean_nll"),
+                     "higher_is_better": False},
+                ],
+                "metadata": {"version": 1.0, "exam_file": str(Path(exam_path).resolve())},
+            }
+            (out / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, width=1000))
+            names.append(name)
+    return names
