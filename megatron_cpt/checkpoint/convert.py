@@ -62,7 +62,7 @@ def _single_process_model(model_cfg: ModelConfig, dtype: torch.dtype):
 
     init_distributed(tp=1, pp=1)
     return build_gpt_model(model_cfg, BuildOptions(params_dtype=dtype, use_te=False,
-                                                   init_weights=False))
+                                                   attention_backend="local", init_weights=False))
 
 
 def hf_to_mcore(hf_dir: Path, out: Path, force: bool = False, name: str | None = None) -> dict:

@@ -180,6 +180,9 @@ class BuildOptions:
     pp: int = 1
     params_dtype: torch.dtype = torch.float32
     use_te: bool | None = None  # None: TE when it imports
+    # core attention: "te" (TE spec), "sdpa" (local spec + torch SDPA), "local" (Megatron's
+    # unfused local attention); None: te when TE imports, else sdpa
+    attention_backend: str | None = None
     sequence_parallel: bool = False
     init_weights: bool = True  # False when a checkpoint will overwrite every weight
     init_method_std: float = 0.02
@@ -229,17 +232,42 @@ def transformer_config(model: ModelConfig, opts: BuildOptions):
     )
 
 
-def layer_spec(use_te: bool):
-    """TE spec (fused norms + FP8-capable linears) or the local spec.
+ATTENTION_BACKENDS = ("te", "sdpa", "local")
 
-    Both save the same dist-checkpoint keys: the local spec maps ``input_layernorm.`` to
+
+def resolve_attention_backend(opts: "BuildOptions") -> str:
+    """The backend ``opts`` asks for, checked against what is installed."""
+    te = transformer_engine_available() if opts.use_te is None else opts.use_te
+    backend = opts.attention_backend or ("te" if te else "sdpa")
+    if backend not in ATTENTION_BACKENDS:
+        raise UsageError(f"unknown model.attention_backend {backend!r}; choose one of "
+                         f"{list(ATTENTION_BACKENDS)}")
+    if backend == "te" and not transformer_engine_available():
+        raise UsageError("model.attention_backend=te needs Transformer Engine; install the gpu "
+                         "extra (pip install -e '.[gpu]') or use attention_backend=sdpa")
+    return backend
+
+
+def layer_spec(attention_backend: str):
+    """TE spec (fused norms + FP8-capable linears) or the local spec with SDPA or
+    Megatron's local core attention.
+
+    All save the same dist-checkpoint keys: the local spec maps ``input_layernorm.`` to
     ``self_attention.linear_qkv.layer_norm_`` through ``sharded_state_dict_keys_map``.
     """
+    import copy
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if use_te:
+    if attention_backend == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention_backend == "sdpa":
+        from megatron_cpt.models.sdpa_attention import SDPAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_gpt_model(model: ModelConfig, opts: BuildOptions):
@@ -247,11 +275,10 @@ def build_gpt_model(model: ModelConfig, opts: BuildOptions):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    use_te = transformer_engine_available() if opts.use_te is None else opts.use_te
     config = transformer_config(model, opts)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(resolve_attention_backend(opts)),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
