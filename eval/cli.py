@@ -33,6 +33,56 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--out", type=Path, required=True, help="JSON with metrics and per-question records")
     p.set_defaults(func=_score)
 
+    p = ev.add_parser("run", help="score the base model and every checkpoint of a run (torchrun)",
+                      description="Score the base model (iteration 0) and the selected checkpoints of "
+                      "a training run on the exams (val and test splits) and the run's validation "
+                      "prefixes; writes RUN/eval/<iteration>.json and per-question records. Already "
+                      "scored checkpoints are skipped. Run under torchrun with TP*PP processes.")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--checkpoints", default="all", help="all | latest | comma-separated iterations")
+    p.add_argument("--exams", nargs="+", type=Path,
+                   help="exam JSONL files (default: the sample exams in eval/exams/)")
+    p.add_argument("--extra-tasks", default="",
+                   help="comma-separated stock lm-eval tasks too (e.g. mmlu_professional_law; "
+                   "needs the dataset hub)")
+    p.add_argument("--num-fewshot", type=int, default=5)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument("--valid-sequences", type=int, default=16,
+                   help="windows of each validation prefix for the validation perplexity")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from eval.exams import sample_exam_paths
+    from eval.run import EVAL_DIR, evaluate_run, read_run
+    from eval.tasks import write_tasks
+    from megatron_cpt.runtime import shutdown
+    from megatron_cpt.runtime.distributed import read_dist_env
+
+    read_run(args.run_dir)  # fail early on a wrong folder
+    exams = args.exams or list(sample_exam_paths().values())
+    tasks_dir = args.run_dir / EVAL_DIR / "tasks"
+    if read_dist_env().rank == 0:
+        names = write_tasks(exams, tasks_dir, num_fewshot=args.num_fewshot)
+    else:
+        from eval.tasks import task_name
+
+        names = [task_name(Path(e).stem, s) for e in exams for s in ("val", "test")]
+    names += [t for t in args.extra_tasks.split(",") if t]
+    scored = evaluate_run(args.run_dir, tasks_dir, names, args.checkpoints, tp=args.tp, pp=args.pp,
+                          batch_size=args.batch_size, limit=args.limit,
+                          valid_sequences=args.valid_sequences)
+    if read_dist_env().rank == 0:
+        print(f"scored {len(scored)} checkpoint(s): {scored or 'none new'}")
+    shutdown()
+    return 0
+
 
 def _tasks(args: argparse.Namespace) -> int:
     from eval.tasks import DEFAULT_PROMPT, write_tasks

@@ -7,9 +7,12 @@ from pathlib import Path
 
 
 def evaluate_checkpoint(ckpt: Path, tasks_dir: Path, tasks: list[str], tp: int = 1, pp: int = 1,
-                        batch_size: int = 16, limit: int | None = None) -> dict | None:
+                        batch_size: int = 16, limit: int | None = None,
+                        keep_model: bool = False) -> dict | None:
     """Collective over TP*PP ranks. Returns ``{"metrics": {task: {...}}, "samples": {task:
-    [per-question records]}}`` on global rank 0 (lm-eval reports on one process), else None."""
+    [per-question records]}}`` on global rank 0 (lm-eval reports on one process), else None.
+    With ``keep_model``: ``{"model", "model_cfg", "summary"}`` on every rank, to reuse the
+    loaded model (e.g. for validation perplexity)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -19,7 +22,10 @@ def evaluate_checkpoint(ckpt: Path, tasks_dir: Path, tasks: list[str], tp: int =
     out = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(tasks_dir)),
         limit=limit, log_samples=True, bootstrap_iters=0, verbosity="WARNING")
-    return summarize(out) if out is not None else None
+    summary = summarize(out) if out is not None else None
+    if keep_model:
+        return {"model": lm.model, "model_cfg": lm.model_cfg, "summary": summary}
+    return summary
 
 
 def summarize(out: dict) -> dict:

@@ -1,0 +1,165 @@
+"""``eval run``: score the base model and every checkpoint of a training run.
+
+For each scored checkpoint it writes ``RUN/eval/<iteration>.json`` (iteration, tokens, FLOPs,
+per exam and split: acc, acc_norm, answer_ppl, n; per validation prefix: loss and perplexity)
+and ``RUN/eval/<iteration>.questions.jsonl`` (per-question log-likelihoods). The base model
+(the run's ``model.pretrained``) is iteration 0. Checkpoints with a result are skipped, so
+the command is safe to rerun after preemption.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatron_cpt.checkpoint import store
+from megatron_cpt.errors import UsageError
+
+EVAL_DIR = "eval"
+
+
+@dataclass(frozen=True)
+class ScoredPoint:
+    iteration: int
+    ckpt: Path
+    tokens: float
+    flops: float
+
+
+def _resolve(run_dir: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (run_dir / p).resolve()
+
+
+def read_run(run_dir: Path) -> dict:
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise UsageError(f"{run_dir} is not a training run folder (no config.yaml); pass the "
+                         "run_dir of a `megatron-cpt train` run")
+    return yaml.safe_load(cfg_path.read_text())
+
+
+def scored_points(run_dir: Path, selection: str = "all") -> list[ScoredPoint]:
+    """The base model (iteration 0) and the run's committed checkpoints, by ``selection``:
+    ``all``, ``latest`` or a comma-separated list of iterations."""
+    run_dir = Path(run_dir)
+    cfg = read_run(run_dir)
+    points = []
+    pretrained = cfg.get("model", {}).get("pretrained")
+    if pretrained and store.is_checkpoint(_resolve(run_dir, pretrained)):
+        points.append(ScoredPoint(0, _resolve(run_dir, pretrained), 0.0, 0.0))
+    for ckpt in sorted((run_dir / "checkpoints").glob("iter_*")):
+        if not store.is_checkpoint(ckpt):
+            continue
+        meta = store.read_metadata(ckpt)
+        points.append(ScoredPoint(int(meta["iteration"]), ckpt, float(meta.get("tokens", 0)),
+                                  float(meta.get("flops", 0))))
+    if selection == "all":
+        return points
+    if selection == "latest":
+        return points[-1:]
+    try:
+        wanted = {int(x) for x in selection.split(",")}
+    except ValueError as exc:
+        raise UsageError(f"--checkpoints must be all, latest or iterations like 0,100 "
+                         f"(got {selection!r})") from exc
+    missing = wanted - {p.iteration for p in points}
+    if missing:
+        raise UsageError(f"no checkpoint for iterations {sorted(missing)} in {run_dir}; "
+                         f"available: {[p.iteration for p in points]}")
+    return [p for p in points if p.iteration in wanted]
+
+
+def result_path(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"{iteration:07d}.json"
+
+
+def validation_losses(model, model_cfg, prefixes: dict[str, Path], seq_length: int,
+                      max_sequences: int = 16, batch: int = 4) -> dict[str, dict]:
+    """Mean next-token loss of the model on the first ``max_sequences`` windows of each
+    validation prefix (documents concatenated, as in training). Collective; result on all ranks."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_cpt.models.forward import forward_logits
+
+    out = {}
+    for name, prefix in prefixes.items():
+        ds = IndexedDataset(str(prefix))
+        need = max_sequences * (seq_length + 1)
+        pieces, have = [], 0
+        for i in range(len(ds)):
+            pieces.append(np.asarray(ds[i], dtype=np.int64))
+            have += len(pieces[-1])
+            if have >= need:
+                break
+        flat = np.concatenate(pieces)
+        n = min(max_sequences, len(flat) // (seq_length + 1))
+        if n == 0:
+            raise UsageError(f"validation prefix {prefix} has fewer than {seq_length + 1} tokens")
+        windows = torch.from_numpy(flat[: n * (seq_length + 1)].reshape(n, seq_length + 1))
+        total, count = 0.0, 0
+        for start in range(0, n, batch):
+            chunk = windows[start:start + batch]
+            logits = forward_logits(model, chunk[:, :-1], vocab_size=model_cfg.vocab_size)
+            loss = torch.zeros(2, dtype=torch.float64)
+            if logits is not None:
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      chunk[:, 1:].reshape(-1), reduction="sum")
+                loss[0], loss[1] = nll.item(), chunk[:, 1:].numel()
+            group = parallel_state.get_pipeline_model_parallel_group()
+            dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=group)
+            total, count = total + loss[0].item(), count + int(loss[1].item())
+        mean = total / count
+        out[name] = {"loss": mean, "ppl": math.exp(mean), "tokens": count}
+    return out
+
+
+def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: str = "all",
+                 tp: int = 1, pp: int = 1, batch_size: int = 16, limit: int | None = None,
+                 valid_sequences: int = 16) -> list[int]:
+    """Score every selected point without a result yet. Collective over TP*PP ranks.
+    Returns the iterations scored by this call."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from eval.scoring import evaluate_checkpoint, write_json
+
+    run_dir = Path(run_dir)
+    cfg = read_run(run_dir)
+    points = [p for p in scored_points(run_dir, selection)
+              if not result_path(run_dir, p.iteration).is_file()]
+    prefixes = {v.get("name") or Path(v["prefix"]).name: _resolve(run_dir, v["prefix"])
+                for v in cfg.get("data", {}).get("valid", [])}
+    seq_length = int(cfg.get("data", {}).get("seq_length", 1024))
+    (run_dir / EVAL_DIR).mkdir(exist_ok=True)
+    scored = []
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for point in tqdm(points, desc="checkpoints", unit="ckpt", disable=not rank0):
+        result = evaluate_checkpoint(point.ckpt, tasks_dir, tasks, tp=tp, pp=pp,
+                                     batch_size=batch_size, limit=limit, keep_model=True)
+        model, model_cfg, summary = result["model"], result["model_cfg"], result["summary"]
+        valid = validation_losses(model, model_cfg, prefixes, seq_length, valid_sequences)
+        if dist.get_rank() == 0:
+            exams: dict[str, dict] = {}
+            for task, metrics in summary["metrics"].items():
+                exam, split = task.removeprefix("mcpt_").rsplit("_", 1)
+                exams.setdefault(exam, {})[split] = metrics
+            record = {"iteration": point.iteration, "tokens": point.tokens, "flops": point.flops,
+                      "checkpoint": str(point.ckpt), "exams": exams, "valid": valid}
+            with (run_dir / EVAL_DIR / f"{point.iteration:07d}.questions.jsonl").open("w") as f:
+                for task, recs in summary["samples"].items():
+                    for rec in recs:
+                        f.write(json.dumps({"task": task, **rec}) + "\n")
+            write_json(result_path(run_dir, point.iteration), record)  # last: marks it done
+        dist.barrier()
+        scored.append(point.iteration)
+    return scored
