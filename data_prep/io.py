@@ -274,7 +274,9 @@ class RecordReader:
                 where = f"@{pos}" if _compression(path) is None else f":{n}"
                 yield Record(text, self._make_id(obj, unit, where), n, nbytes, obj if self.keep_raw else None)
         except (OSError, EOFError, ValueError) as exc:  # truncated gzip/zstd, I/O error
+            # the unreadable rest of the file counts as one input record (so in = out + dropped)
             drops.add("read_error", path, n + 1, f"{type(exc).__name__}: {exc}")
+            n += 1
         self.lines = n
 
     def _read_parquet(self, unit: Unit, drops: DropCounter) -> Iterator[Record]:
@@ -304,6 +306,7 @@ class RecordReader:
                                      obj if self.keep_raw else None)
         except (OSError, ValueError) as exc:
             drops.add("read_error", path, n + 1, f"{type(exc).__name__}: {exc}")
+            n += 1
         self.lines = n
 
 

@@ -86,9 +86,10 @@ def verify_prefix(prefix: str, check_hashes: bool = True) -> dict:
     prefix = _strip(prefix)
     manifest = load_manifest(prefix)
     for ext in ("bin", "idx"):
+        if not os.path.isfile(f"{prefix}.{ext}"):
+            raise UsageError(f"{prefix}.{ext} is missing: re-run `megatron-cpt prep tokenize` for this prefix")
+    for ext in ("bin", "idx"):
         path = f"{prefix}.{ext}"
-        if not os.path.isfile(path):
-            raise UsageError(f"{path} is missing: re-run `megatron-cpt prep tokenize` for this prefix")
         size = os.path.getsize(path)
         if size != manifest.get(f"{ext}_bytes"):
             raise UsageError(f"{path} has {size} bytes but its manifest says {manifest.get(f'{ext}_bytes')}: "
