@@ -89,8 +89,12 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
     started = time.time()
     files = expand_inputs(inputs)
     tok = TextTokenizer(tokenizer_path, eod_token)
-    units = plan_units(files, unit_bytes)
     executor = executor or ExecutorConfig(kind="local", workers=workers)
+    if executor.kind == "local" and executor.workers > 1:
+        # enough units to keep every worker busy until the end (outputs do not depend on this)
+        plain = sum(os.path.getsize(f) for f in files if "://" not in f and f.endswith((".jsonl", ".json")))
+        unit_bytes = min(unit_bytes, max(1 << 20, plain // (executor.workers * 8)))
+    units = plan_units(files, unit_bytes)
     prefix = os.path.abspath(output_prefix)
     work_dir = prefix + ".work"
     if os.path.isdir(work_dir):
