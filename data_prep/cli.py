@@ -105,6 +105,8 @@ def _filter(args) -> int:
         cfg.executor.workers = args.workers
     if args.executor:
         cfg.executor.kind = args.executor
+        if args.executor == "slurm" and not cfg.executor.venv_path:
+            cfg.executor.venv_path = _venv_activate()
     report = run_filter(cfg, progress=sys.stderr.isatty())
     if report is None:
         print(f"submitted SLURM jobs; the report will be at {os.path.join(cfg.output, 'filter_report.json')}")
@@ -126,7 +128,7 @@ def _tokenize(args) -> int:
         raise UsageError("--unit-mb and --batch-size must be positive")
     ex = ExecutorConfig(kind=args.executor, workers=args.workers, partition=args.slurm_partition,
                         time=args.slurm_time, cpus_per_task=args.slurm_cpus,
-                        venv_path=os.environ.get("VIRTUAL_ENV"))
+                        venv_path=_venv_activate())
     m = tokenize(args.input, args.tokenizer, args.output_prefix, workers=args.workers, executor=ex,
                  text_field=args.text_field, id_field=args.id_field, eod_token=args.eod_token,
                  unit_bytes=int(args.unit_mb * 2**20), batch_size=args.batch_size, keep_work=args.keep_work,
@@ -151,3 +153,11 @@ def _stats(args) -> int:
     rows = stats_rows(args.prefixes)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
+
+
+def _venv_activate() -> str | None:
+    """The activate script of the running venv (SLURM jobs source it), if any."""
+    for root in (os.environ.get("VIRTUAL_ENV"), sys.prefix):
+        if root and os.path.isfile(os.path.join(root, "bin", "activate")):
+            return os.path.join(root, "bin", "activate")
+    return None

@@ -94,6 +94,10 @@ class FilterConfig:
         if "workers" in raw:
             ex["workers"] = raw.pop("workers")
         raw.pop("tasks", None)  # tasks = number of input units (set by unit_bytes)
+        if ex.get("kind") == "slurm" and not ex.get("venv_path"):
+            from data_prep.cli import _venv_activate
+
+            ex["venv_path"] = _venv_activate()
         try:
             executor = ExecutorConfig(**ex)
         except TypeError as exc:

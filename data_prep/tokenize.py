@@ -101,7 +101,11 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
         shutil.rmtree(work_dir)
     os.makedirs(work_dir)
     n_workers = max(1, min(executor.workers if executor.workers > 0 else 1, len(units)))
-    threads = max(1, (os.cpu_count() or 1) // n_workers) if executor.kind == "local" else executor.cpus_per_task
+    # split the cores between worker processes (one worker runs in this process: leave it alone)
+    if executor.kind == "local":
+        threads = max(1, (os.cpu_count() or 1) // n_workers) if n_workers > 1 else None
+    else:
+        threads = executor.cpus_per_task
     step = TokenizeStep(units, work_dir, tok, text_field, id_field, batch_size, threads=threads,
                         progress=progress and _isatty())
     config = {"inputs": list(inputs) if not isinstance(inputs, str) else [inputs], "tokenizer": tok.path,
@@ -110,7 +114,10 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
               "workers": executor.workers, "tasks": len(units), "unit_bytes": unit_bytes,
               "batch_size": batch_size}
     merge = _Merge(units, work_dir, prefix, tok, files, config, keep_work, progress, started)
-    done = run_units(step, len(units), executor, os.path.join(work_dir, "logs"), merge_fn=merge)
+    # local: task logs inside the work folder (removed unless --keep-work); SLURM: next to the
+    # output, since the merge job removes the work folder while datatrove still logs
+    logs = os.path.join(work_dir, "logs") if executor.kind == "local" else prefix + ".slurm_logs"
+    done = run_units(step, len(units), executor, logs, merge_fn=merge)
     if not done:
         return None
     with open(prefix + ".manifest.json") as fh:

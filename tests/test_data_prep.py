@@ -433,3 +433,45 @@ def test_filter_refuses_classifier_for_other_labels(tmp_path, classifier):
     cfg = _filter_config(tmp_path, str(tmp_path / "no_clf"), [WEB], str(tmp_path / "o"))
     assert run_cli(["filter", "--config", cfg]) == 2
     assert run_cli(["filter", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, monkeypatch, capsys):
+    """A fake `sbatch` records submissions; then the pickled jobs are run here as SLURM would."""
+    import dill
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bindir / "sbatch").write_text(
+        "#!/bin/sh\ntouch %s\nn=$(wc -l < %s)\necho \"$@\" >> %s\necho \"Submitted batch job $((n+100))\"\n"
+        % (log, log, log))
+    (bindir / "sbatch").chmod(0o755)
+    (bindir / "scontrol").write_text("#!/bin/sh\necho localhost\n")  # `scontrol show hostnames`
+    (bindir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _texts()[:120]])
+    local, prefix = str(tmp_path / "local"), str(tmp_path / "slurm")
+    assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe,
+                    "--output-prefix", local]) == 0
+    assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe, "--output-prefix",
+                    prefix, "--executor", "slurm", "--unit-mb", "0.02", "--workers", "2"]) == 0
+    assert "submitted SLURM jobs" in capsys.readouterr().out
+    calls = log.read_text().splitlines()
+    merge_call = [c for c in calls if "afterok:100" in c]
+    assert merge_call, calls  # the merge job waits for the tokenization array
+    assert not os.path.exists(prefix + ".bin")
+    # run the array tasks, then the merge, the way SLURM would
+    with open(prefix + ".slurm_logs/tasks/executor.pik", "rb") as fh:
+        stage1 = dill.load(fh)
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # the task sets it from --slurm-cpus; keep it test-local
+    for i in range(stage1.tasks):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+        stage1.run()
+    with open(prefix + ".slurm_logs/merge/executor.pik", "rb") as fh:
+        stage2 = dill.load(fh)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    stage2.run()
+    assert stage1.tasks > 1
+    assert sha(prefix + ".bin") == sha(local + ".bin") and sha(prefix + ".idx") == sha(local + ".idx")
+    assert json.load(open(prefix + ".manifest.json"))["config"]["executor"] == "slurm"
