@@ -6,6 +6,7 @@ or workers. Documents that cannot be used are counted per reason in the manifest
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +32,18 @@ class TokenizeStep(UnitStep):
 
     def process(self, unit, rank: int) -> None:
         if self.threads:  # must be set before the Rust thread pool starts in this process
+            prev = os.environ.get("RAYON_NUM_THREADS")
             os.environ["RAYON_NUM_THREADS"] = str(self.threads)
+            try:
+                return self._process(unit, rank)
+            finally:
+                if prev is None:
+                    os.environ.pop("RAYON_NUM_THREADS", None)
+                else:
+                    os.environ["RAYON_NUM_THREADS"] = prev
+        return self._process(unit, rank)
+
+    def _process(self, unit, rank: int) -> None:
         from data_prep.indexed import ShardWriter
 
         tok = self.tokenizer
@@ -90,38 +102,55 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
     files = expand_inputs(inputs)
     tok = TextTokenizer(tokenizer_path, eod_token)
     executor = executor or ExecutorConfig(kind="local", workers=workers)
-    if executor.kind == "local" and executor.workers > 1:
-        # enough units to keep every worker busy until the end (outputs do not depend on this)
+    procs, threads = plan_local_parallelism(executor)
+    if procs > 1:
+        # enough units to keep every process busy until the end (outputs do not depend on this)
         plain = sum(os.path.getsize(f) for f in files if "://" not in f and f.endswith((".jsonl", ".json")))
-        unit_bytes = min(unit_bytes, max(1 << 20, plain // (executor.workers * 8)))
+        unit_bytes = min(unit_bytes, max(1 << 20, plain // (procs * 8)))
     units = plan_units(files, unit_bytes)
+    procs = min(procs, len(units))
     prefix = os.path.abspath(output_prefix)
     work_dir = prefix + ".work"
     if os.path.isdir(work_dir):
         shutil.rmtree(work_dir)
     os.makedirs(work_dir)
-    n_workers = max(1, min(executor.workers if executor.workers > 0 else 1, len(units)))
-    # split the cores between worker processes (one worker runs in this process: leave it alone)
-    if executor.kind == "local":
-        threads = max(1, (os.cpu_count() or 1) // n_workers) if n_workers > 1 else None
-    else:
-        threads = executor.cpus_per_task
+    run_cfg = dataclasses.replace(executor, workers=procs) if executor.kind == "local" else executor
     step = TokenizeStep(units, work_dir, tok, text_field, id_field, batch_size, threads=threads,
                         progress=progress and _isatty())
     config = {"inputs": list(inputs) if not isinstance(inputs, str) else [inputs], "tokenizer": tok.path,
               "output_prefix": prefix, "text_field": text_field, "id_field": id_field,
               "eod_token": tok.eod_token, "append_eod": True, "executor": executor.kind,
-              "workers": executor.workers, "tasks": len(units), "unit_bytes": unit_bytes,
+              "workers": executor.workers, "processes": procs if executor.kind == "local" else None,
+              "threads_per_process": threads, "tasks": len(units), "unit_bytes": unit_bytes,
               "batch_size": batch_size}
     merge = _Merge(units, work_dir, prefix, tok, files, config, keep_work, progress, started)
     # local: task logs inside the work folder (removed unless --keep-work); SLURM: next to the
     # output, since the merge job removes the work folder while datatrove still logs
     logs = os.path.join(work_dir, "logs") if executor.kind == "local" else prefix + ".slurm_logs"
-    done = run_units(step, len(units), executor, logs, merge_fn=merge)
+    done = run_units(step, len(units), run_cfg, logs, merge_fn=merge)
     if not done:
         return None
     with open(prefix + ".manifest.json") as fh:
         return json.load(fh)
+
+
+MAX_THREADS_PER_PROCESS = 4
+
+
+def plan_local_parallelism(executor: ExecutorConfig) -> tuple[int, int | None]:
+    """(processes, tokenizer threads per process) for ``workers`` cores.
+
+    The tokenizer encodes a batch on several Rust threads, so one process with 2-4 threads
+    keeps up with the encoder better than 2-4 processes (measured: docs/benchmarks_data_prep.md);
+    beyond 4 threads the Python side (JSON parsing, writing) of a single process would become
+    the bottleneck, so more processes are used. SLURM: one process per task, ``cpus_per_task``
+    threads.
+    """
+    if executor.kind != "local":
+        return 1, executor.cpus_per_task
+    cores = max(1, executor.workers)
+    procs = -(-cores // MAX_THREADS_PER_PROCESS)
+    return procs, max(1, cores // procs)
 
 
 class _Merge:

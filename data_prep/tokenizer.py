@@ -15,6 +15,7 @@ import numpy as np
 from megatron_cpt.errors import UsageError
 
 DEFAULT_EOD = "<|endoftext|>"
+_LOADED: dict = {}  # (file, sha256) -> loaded tokenizer, per process
 
 
 def token_dtype(vocab_size: int):
@@ -76,6 +77,10 @@ class TextTokenizer:
     def _load(self):
         if self._tok is not None:
             return self._tok
+        cached = _LOADED.get((self.file, getattr(self, "sha256", None)))
+        if cached is not None:  # a worker process runs many tasks: load once per process
+            self._tok = cached
+            return cached
         try:
             if self.kind == "hf":
                 from tokenizers import Tokenizer
@@ -87,6 +92,8 @@ class TextTokenizer:
                 except ImportError as exc:
                     raise UsageError("a SentencePiece .model needs the `sentencepiece` package: pip install sentencepiece") from exc
                 self._tok = spm.SentencePieceProcessor(model_file=self.file)
+            if getattr(self, "sha256", None):
+                _LOADED[(self.file, self.sha256)] = self._tok
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - any parse failure means an unreadable tokenizer

@@ -155,11 +155,11 @@ def test_tasks_and_workers_give_byte_identical_output(tmp_path, bpe):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run_cli(["tokenize", "--input", *files, "--tokenizer", bpe, "--output-prefix", a,
                     "--workers", "1"]) == 0
-    # 2 workers, and plain files cut into many byte-range units (~8 tasks)
+    # 6 workers = 2 processes x 3 tokenizer threads; plain files cut into many byte-range units
     assert run_cli(["tokenize", "--input", str(tmp_path / "part*.jsonl"), "--tokenizer", bpe,
-                    "--output-prefix", b, "--workers", "2", "--unit-mb", "0.03"]) == 0
+                    "--output-prefix", b, "--workers", "6", "--unit-mb", "0.03"]) == 0
     mb = json.load(open(b + ".manifest.json"))
-    assert mb["config"]["tasks"] > 2
+    assert mb["config"]["tasks"] > 2 and mb["config"]["processes"] == 2
     assert sha(a + ".bin") == sha(b + ".bin")
     assert sha(a + ".idx") == sha(b + ".idx")
 
