@@ -113,8 +113,9 @@ class FilterConfig:
 class FilterStep(UnitStep):
     name = "classify+decontaminate"
 
-    def __init__(self, units, work_dir, cfg: FilterConfig, classifier, exam_index, tokenizer):
+    def __init__(self, units, work_dir, cfg: FilterConfig, classifier, exam_index, tokenizer, progress=False):
         super().__init__(units, work_dir)
+        self.progress = progress
         self.cfg = cfg
         self.classifier = classifier
         self.exam_index = exam_index
@@ -162,11 +163,17 @@ class FilterStep(UnitStep):
                 probs.append([p.get(d, 0.0) for d in domains])
             batch.clear()
 
-        for rec in reader.read(unit, drops):
-            batch.append(rec)
-            if len(batch) >= 512:
-                flush()
-        flush()
+        from tqdm import tqdm
+
+        with tqdm(desc=f"filter task {rank}", unit=" docs", disable=not self.progress, position=rank % 8,
+                  leave=False, mininterval=1.0) as bar:
+            for rec in reader.read(unit, drops):
+                batch.append(rec)
+                if len(batch) >= 512:
+                    bar.update(len(batch))
+                    flush()
+            bar.update(len(batch))
+            flush()
         for fh in [*outs.values(), all_out]:
             fh.close()
         np.savez(f"{base}.meta.npz", tokens=np.asarray(tokens, dtype=np.int64),
@@ -309,7 +316,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
     if os.path.isdir(work_dir):
         shutil.rmtree(work_dir)
     os.makedirs(work_dir)
-    step = FilterStep(units, work_dir, cfg, clf, index, tok)
+    step = FilterStep(units, work_dir, cfg, clf, index, tok, progress=progress)
     merge = _FilterMerge(cfg, units, work_dir, files, clf.labels, started, progress)
     done = run_units(step, len(units), cfg.executor, os.path.join(out, "logs"), merge_fn=merge)
     if not done:
