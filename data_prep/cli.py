@@ -66,6 +66,7 @@ def register(sub, name: str, help_text: str) -> None:
     st = prep_sub.add_parser("stats", help="print a table of tokenized prefixes (from their manifests)")
     st.add_argument("prefixes", nargs="+", help="PREFIX (or PREFIX.bin / PREFIX.manifest.json)")
     st.add_argument("--verify", action="store_true", help="also check .bin/.idx sizes and sha256")
+    st.add_argument("--tokenizer", help="with --verify: refuse data made with another tokenizer / EOD id")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.set_defaults(func=_stats)
 
@@ -149,7 +150,7 @@ def _stats(args) -> int:
 
     if args.verify:
         for p in args.prefixes:
-            verify_prefix(p)
+            verify_prefix(p, tokenizer=args.tokenizer)
     rows = stats_rows(args.prefixes)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0

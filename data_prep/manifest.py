@@ -75,11 +75,14 @@ def load_manifest(prefix: str) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}): re-run `megatron-cpt prep tokenize`") from exc
 
 
-def verify_prefix(prefix: str, check_hashes: bool = True) -> dict:
+def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None = None,
+                  eod_token: str | None = None) -> dict:
     """Check ``prefix.bin/.idx`` against ``prefix.manifest.json``; return the manifest.
 
     Raises UsageError when a file is missing, or its size or sha256 differ from the manifest.
-    ``check_hashes=False`` checks sizes only (fast for very large datasets).
+    ``check_hashes=False`` checks sizes only (fast for very large datasets). With ``tokenizer``
+    (a tokenizer folder or .model), also refuses data tokenized with a different tokenizer
+    (sha256 of tokenizer.json / .model) or a different EOD id.
     """
     from data_prep.indexed import sha256_file
 
@@ -97,6 +100,15 @@ def verify_prefix(prefix: str, check_hashes: bool = True) -> dict:
         if check_hashes and sha256_file(path) != manifest.get(f"{ext}_sha256"):
             raise UsageError(f"{path} does not match the sha256 in its manifest: the file was modified; "
                              "re-run `megatron-cpt prep tokenize`")
+    if tokenizer is not None:
+        from data_prep.tokenizer import TextTokenizer
+
+        tok = TextTokenizer(tokenizer, eod_token or manifest["tokenizer"].get("eod_token"))
+        want = manifest["tokenizer"]
+        if tok.sha256 != want.get("sha256") or tok.eod_id != want.get("eod_id"):
+            raise UsageError(f"{prefix} was tokenized with {want.get('name')!r} (sha256 {want.get('sha256', '')[:12]}, "
+                             f"EOD {want.get('eod_id')}), not {tok.name!r} (sha256 {tok.sha256[:12]}, EOD "
+                             f"{tok.eod_id}): re-tokenize the data or use the matching tokenizer")
     itemsize = 4 if manifest["tokenizer"]["vocab_size"] >= 65500 else 2
     if manifest["bin_bytes"] != manifest["tokens"] * itemsize:
         raise UsageError(f"{prefix}.manifest.json is inconsistent (tokens x {itemsize} bytes != bin size): "

@@ -69,8 +69,8 @@ class TextTokenizer:
         self.vocab_size = self._vocab_size(tok)
         self.eod_token, self.eod_id = self._resolve_eod(tok, eod_token)
         self.name = self._name()
-        hashed = [self.file] + [p for p in [cfg] if os.path.isfile(p)]
-        self.sha256 = _sha256_files(hashed)
+        # the ids depend on tokenizer.json (or the .model) only; the EOD id is recorded separately
+        self.sha256 = _sha256_files([self.file])
         self.dtype = token_dtype(self.vocab_size)
 
     # -- loading -----------------------------------------------------------------------------

@@ -278,6 +278,10 @@ def test_verify_prefix_detects_changes_and_stats(tmp_path, bpe, capsys):
     assert run_cli(["stats", prefix, "--verify"]) == 0
     out = capsys.readouterr().out
     assert "documents" in out and "test-bpe" in out
+    assert verify_prefix(prefix, tokenizer=bpe)["documents"] == 10
+    other = train_bpe(str(tmp_path / "other_tok"), _texts()[:50], vocab_size=400)
+    with pytest.raises(UsageError, match="re-tokenize"):
+        verify_prefix(prefix, tokenizer=other)
     data = bytearray(open(prefix + ".bin", "rb").read())
     data[0] ^= 1
     open(prefix + ".bin", "wb").write(bytes(data))
