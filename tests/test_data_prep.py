@@ -439,8 +439,9 @@ def test_filter_refuses_classifier_for_other_labels(tmp_path, classifier):
     assert run_cli(["filter", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, monkeypatch, capsys):
-    """A fake `sbatch` records submissions; then the pickled jobs are run here as SLURM would."""
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Fake `sbatch` (records submissions) and `scontrol`; returns (log file, run_jobs(logs_dir))."""
     import dill
 
     bindir = tmp_path / "bin"
@@ -453,6 +454,27 @@ def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, monkeypatch, cap
     (bindir / "scontrol").write_text("#!/bin/sh\necho localhost\n")  # `scontrol show hostnames`
     (bindir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+
+    def run_jobs(logs_dir: str) -> int:
+        """Run the pickled array tasks, then the merge job, the way SLURM would."""
+        monkeypatch.setenv("SLURM_NODELIST", "localhost")
+        monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # tasks set it from cpus_per_task; keep it test-local
+        with open(os.path.join(logs_dir, "tasks", "executor.pik"), "rb") as fh:
+            stage1 = dill.load(fh)
+        for i in range(stage1.tasks):
+            monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+            stage1.run()
+        with open(os.path.join(logs_dir, "merge", "executor.pik"), "rb") as fh:
+            stage2 = dill.load(fh)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+        stage2.run()
+        return stage1.tasks
+
+    return log, run_jobs
+
+
+def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, fake_slurm, capsys):
+    log, run_jobs = fake_slurm
     write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _texts()[:120]])
     local, prefix = str(tmp_path / "local"), str(tmp_path / "slurm")
     assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe,
@@ -461,21 +483,23 @@ def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, monkeypatch, cap
                     prefix, "--executor", "slurm", "--unit-mb", "0.02", "--workers", "2"]) == 0
     assert "submitted SLURM jobs" in capsys.readouterr().out
     calls = log.read_text().splitlines()
-    merge_call = [c for c in calls if "afterok:100" in c]
-    assert merge_call, calls  # the merge job waits for the tokenization array
+    assert [c for c in calls if "afterok:100" in c], calls  # the merge job waits for the array
     assert not os.path.exists(prefix + ".bin")
-    # run the array tasks, then the merge, the way SLURM would
-    with open(prefix + ".slurm_logs/tasks/executor.pik", "rb") as fh:
-        stage1 = dill.load(fh)
-    monkeypatch.setenv("SLURM_NODELIST", "localhost")
-    monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # the task sets it from --slurm-cpus; keep it test-local
-    for i in range(stage1.tasks):
-        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
-        stage1.run()
-    with open(prefix + ".slurm_logs/merge/executor.pik", "rb") as fh:
-        stage2 = dill.load(fh)
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
-    stage2.run()
-    assert stage1.tasks > 1
+    assert run_jobs(prefix + ".slurm_logs") > 1
     assert sha(prefix + ".bin") == sha(local + ".bin") and sha(prefix + ".idx") == sha(local + ".idx")
     assert json.load(open(prefix + ".manifest.json"))["config"]["executor"] == "slurm"
+
+
+def test_filter_on_slurm_matches_local(tmp_path, classifier, fake_slurm):
+    log, run_jobs = fake_slurm
+    clf_dir, _ = classifier
+    write_jsonl(tmp_path / "exam.jsonl", [{"question": "unrelated question text", "answer": "none"}])
+    local, slurm = str(tmp_path / "fl"), str(tmp_path / "fs")
+    assert run_cli(["filter", "--config", _filter_config(tmp_path, clf_dir, [WEB], local)]) == 0
+    cfg = _filter_config(tmp_path, clf_dir, [WEB], slurm, unit_bytes=100000,
+                         executor={"kind": "slurm", "workers": 2, "partition": "debug"})
+    assert run_cli(["filter", "--config", cfg]) == 0
+    assert not os.path.exists(os.path.join(slurm, "filter_report.json"))
+    assert run_jobs(os.path.join(slurm, "logs")) > 1
+    for name in ("legal", "general", "control_medical"):
+        assert sha(os.path.join(slurm, name, "data.jsonl")) == sha(os.path.join(local, name, "data.jsonl"))
