@@ -48,7 +48,8 @@ def register(sub, name: str, help_text: str) -> None:
     tk.add_argument("--input", required=True, nargs="+", help="input files or globs (JSONL[.gz|.zst], Parquet)")
     tk.add_argument("--tokenizer", required=True, help="local HF tokenizer folder or SentencePiece .model")
     tk.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
-    tk.add_argument("--workers", type=int, default=1, help="parallel tasks (local) / concurrent array tasks (slurm)")
+    tk.add_argument("--workers", type=int, default=None,
+                    help="local: cores to use (default 1); slurm: max concurrent array tasks (default no limit)")
     tk.add_argument("--executor", choices=["local", "slurm"], default="local")
     tk.add_argument("--text-field", default="text")
     tk.add_argument("--id-field", default="id")
@@ -123,7 +124,9 @@ def _tokenize(args) -> int:
     from data_prep.tokenize import tokenize
     from megatron_cpt.errors import UsageError
 
-    if args.workers < 1:
+    if args.workers is None:
+        args.workers = 1 if args.executor == "local" else -1
+    elif args.workers < 1:
         raise UsageError(f"--workers {args.workers} must be >= 1")
     if args.unit_mb <= 0 or args.batch_size < 1:
         raise UsageError("--unit-mb and --batch-size must be positive")
