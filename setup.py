@@ -23,6 +23,13 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        # data_prep: pipeline executors (local/SLURM) and fsspec I/O, domain classifier,
+        # compressed and Parquet inputs, SentencePiece tokenizers
+        "datatrove>=0.10,<0.11",
+        "fasttext-numpy2",  # the `fasttext` 0.9.3 binding breaks under numpy 2 (predict)
+        "zstandard",
+        "pyarrow",
+        "sentencepiece",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

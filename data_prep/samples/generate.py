@@ -1,0 +1,231 @@
+"""Generate the committed sample data from original templates (no downloaded text).
+
+    python -m data_prep.samples.generate        # rewrites the files next to this script
+
+Outputs (deterministic for a given seed):
+  seed_labeled.jsonl   labeled seed set: {"id", "text", "label"} over legal/medical/accounting/other
+  web_sample.jsonl     a mixed "web" sample: {"id", "text", "url"}; includes a few bad lines on purpose
+                       (malformed JSON, missing text, empty text) to show the drop accounting
+  exam_sample.jsonl    a handful of exam items ({"id", "domain", "question", "choices", "answer"}) used by
+                       the sample filter config for decontamination; the real exams belong to eval/
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PEOPLE = ["the tenant", "the landlord", "the plaintiff", "the defendant", "the employer", "the contractor",
+          "the buyer", "the seller", "the company", "the applicant", "the trustee", "the licensee"]
+LEGAL = {
+    "nouns": ["contract", "lease", "statute", "clause", "indemnity", "injunction", "tort", "easement",
+              "jurisdiction", "appeal", "covenant", "warranty", "liability", "arbitration", "subpoena",
+              "affidavit", "precedent", "remedy", "breach", "damages", "verdict", "ordinance", "testimony",
+              "counsel", "court", "tribunal", "plea", "motion", "summary judgment", "due process"],
+    "sentences": [
+        "{P} argued that the {n1} was void because the {n2} had never been signed by both parties.",
+        "Under the {n1}, {p} must give written notice within thirty days before seeking any {n2}.",
+        "The court of appeal held that the {n1} did not survive the termination of the {n2}.",
+        "Counsel for {p} filed a motion to dismiss, claiming the tribunal lacked {n1} over the {n2}.",
+        "A {n1} is enforceable only if it is reasonable in scope, duration and geography, the judge noted.",
+        "The jury returned a verdict finding {p} liable for {n1} and awarded compensatory {n2}.",
+        "When interpreting a {n1}, courts look first to the plain meaning of its words and then to the {n2}.",
+        "The {n1} clause shifted the risk of third-party claims onto {p}, subject to a cap on {n2}.",
+        "Because the statute of limitations had run, the claim for {n1} was barred regardless of the {n2}.",
+        "{P} sought an injunction to stop the neighbour from blocking the {n1} recorded in the deed.",
+        "The parties agreed to binding {n1}, waiving their right to a jury trial on any {n2}.",
+        "An affidavit from the witness was admitted, although opposing counsel objected to it as hearsay.",
+        "The appellate panel reversed, finding that the lower court misapplied the {n1} standard.",
+        "Good faith and fair dealing are implied in every {n1}, even where the {n2} is silent.",
+        "The ordinance was challenged as unconstitutional for denying {p} due process before the {n1}.",
+    ],
+}
+MEDICAL = {
+    "nouns": ["diagnosis", "dosage", "symptom", "infection", "antibiotic", "biopsy", "hypertension",
+              "insulin", "vaccine", "prognosis", "therapy", "fracture", "inflammation", "anemia", "tumor",
+              "cardiac arrest", "blood pressure", "clinical trial", "side effect", "outpatient clinic",
+              "pneumonia", "migraine", "asthma", "dialysis", "sepsis", "ultrasound", "MRI scan", "referral"],
+    "sentences": [
+        "The patient presented with fever and persistent cough, and the physician suspected {n1}.",
+        "A daily {n1} of the medication was titrated upward until the {n2} was under control.",
+        "Laboratory results confirmed {n1}, so the team started intravenous {n2} the same evening.",
+        "Nurses monitored vital signs every four hours, watching for any {n1} after the procedure.",
+        "The randomized {n1} compared the new {n2} with placebo in adults over sixty-five.",
+        "Chronic {n1} raises the risk of stroke, so clinicians recommend lifestyle changes and {n2}.",
+        "After the {n1} came back negative, the oncologist revised the {n2} and scheduled follow-up.",
+        "Children should receive the {n1} before school age unless a documented allergy prevents it.",
+        "The emergency physician ordered an {n1} to rule out internal bleeding after the accident.",
+        "Patients with {n1} were advised to carry a rescue inhaler and avoid known triggers.",
+        "Dosing must be adjusted for kidney function, especially in elderly patients on {n1}.",
+        "The discharge summary listed the {n1}, current medications and the plan for {n2}.",
+        "Early signs of {n1} include confusion, rapid heart rate and low {n2}.",
+        "The surgeon explained the risks of anesthesia and obtained informed consent before the {n1}.",
+        "Physical therapy twice a week helped the patient recover mobility after the {n1}.",
+    ],
+}
+ACCOUNTING = {
+    "nouns": ["ledger", "balance sheet", "accrual", "depreciation", "invoice", "audit", "revenue",
+              "receivable", "payable", "journal entry", "trial balance", "amortization", "cash flow",
+              "general ledger", "tax return", "inventory", "goodwill", "equity", "dividend", "expense",
+              "reconciliation", "write-off", "income statement", "fiscal year", "working capital", "GAAP"],
+    "sentences": [
+        "At month end the bookkeeper posted an {n1} to record wages earned but not yet paid.",
+        "Straight-line {n1} spreads the cost of the machine evenly over its useful life.",
+        "The auditor traced each {n1} to the {n2} and found two unrecorded transactions.",
+        "Accounts {n1} rose sharply, which tied up working capital and slowed {n2}.",
+        "Under accrual accounting, {n1} is recognized when earned, not when cash is received.",
+        "The controller prepared a bank {n1} and adjusted the {n2} for outstanding checks.",
+        "A debit to {n1} and a credit to cash records the payment of the supplier {n2}.",
+        "The company reported higher {n1} in its {n2} for the third quarter of the fiscal year.",
+        "Inventory was valued at the lower of cost and net realizable value, triggering a {n1}.",
+        "The {n1} must balance: total assets equal total liabilities plus shareholders' {n2}.",
+        "Before closing the books, the team ran a {n1} to confirm that debits equal credits.",
+        "Impairment testing showed that the {n1} from the acquisition exceeded its fair value.",
+        "The firm capitalized the software costs and began {n1} once the system went live.",
+        "Deferred {n1} appears as a liability until the service is delivered to the customer.",
+        "The tax accountant reconciled book income with taxable income on the corporate {n1}.",
+    ],
+}
+OTHER = {
+    "nouns": ["recipe", "garden", "marathon", "guitar", "hiking trail", "smartphone", "football match",
+              "painting", "novel", "weekend trip", "bicycle", "coffee", "camera", "playlist", "puzzle",
+              "video game", "birthday party", "sourdough bread", "tomato plants", "museum", "concert",
+              "road trip", "laptop", "chess opening", "yoga class", "podcast", "fishing boat"],
+    "sentences": [
+        "We spent the morning on the {n1} and stopped for {n2} at a small village cafe.",
+        "This {n1} needs only five ingredients and takes about twenty minutes to prepare.",
+        "The team scored twice in the second half to win the {n1} in front of a loud crowd.",
+        "Water the {n1} early in the day so the leaves dry before evening.",
+        "My new {n1} has a better battery, but the {n2} app still crashes now and then.",
+        "She practiced the {n1} every evening for a month before the school {n2}.",
+        "The {n1} follows a family of three generations through a long and snowy winter.",
+        "If you are training for a {n1}, increase your weekly distance by no more than ten percent.",
+        "The {n1} reopened after renovation with a new wing devoted to modern sculpture.",
+        "Pack light layers, a rain jacket and plenty of water for the {n1}.",
+        "The band played old favourites at the {n1} and the audience sang along.",
+        "Adjust the saddle height on your {n1} so your knee is slightly bent at the bottom.",
+        "Our book club picked a {n1} about a detective who solves crimes in a seaside town.",
+        "Let the dough rise overnight in the fridge for a deeper flavour in the {n1}.",
+        "Kids loved the treasure hunt at the {n1}, and nobody wanted to go home.",
+    ],
+}
+DOMAINS = {"legal": LEGAL, "medical": MEDICAL, "accounting": ACCOUNTING, "other": OTHER}
+# Sentences any web page may contain; they make the task less trivial.
+GENERIC = [
+    "Please read the whole article before leaving a comment below.",
+    "Last updated on a Tuesday; some details may have changed since then.",
+    "Share this page with anyone who might find it useful.",
+    "In this post we explain the basics step by step.",
+    "Many readers asked us to write about this topic in more detail.",
+    "Subscribe to our newsletter for weekly updates.",
+    "The information here is general and may not fit every situation.",
+    "We would like to thank everyone who sent questions and feedback.",
+    "Here is a short summary of the key points.",
+    "Contact us if you notice any mistakes in this text.",
+]
+# Words that appear across domains (a "case", a "record", an "account"...).
+CROSS = [
+    "Keep a careful record of every case and every account.",
+    "The review took longer than planned because the file was incomplete.",
+    "A second opinion is often worth the extra cost and time.",
+    "The report was filed late but accepted after a short delay.",
+]
+
+
+def make_doc(rng: random.Random, domain: str, n_sent: tuple[int, int] = (3, 7)) -> str:
+    spec = DOMAINS[domain]
+    k = rng.randint(*n_sent)
+    sents = []
+    for _ in range(k):
+        tmpl = rng.choice(spec["sentences"])
+        n1, n2 = rng.sample(spec["nouns"], 2)
+        p = rng.choice(PEOPLE)
+        sents.append(tmpl.format(n1=n1, n2=n2, p=p, P=p[0].upper() + p[1:]))
+    for _ in range(rng.randint(0, 2)):
+        sents.insert(rng.randint(0, len(sents)), rng.choice(GENERIC))
+    if rng.random() < 0.3:
+        sents.insert(rng.randint(0, len(sents)), rng.choice(CROSS))
+    paras = []
+    while sents:
+        cut = rng.randint(1, 3)
+        paras.append(" ".join(sents[:cut]))
+        sents = sents[cut:]
+    return "\n\n".join(paras)
+
+
+def make_mixed_doc(rng: random.Random, main: str, other: str) -> str:
+    """Mostly ``main`` with a sentence or two of ``other`` (realistic noise)."""
+    return make_doc(rng, main) + "\n\n" + make_doc(rng, other, (1, 1))
+
+
+def write_jsonl(path: str, rows) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False))
+            fh.write("\n")
+            n += 1
+    return n
+
+
+EXAM_ITEMS = [
+    {"id": "legal-001", "domain": "legal",
+     "question": "Which doctrine allows a court to refuse enforcement of a contract term that was unfairly "
+                 "one-sided and hidden in fine print at the time the agreement was signed by the weaker party?",
+     "choices": ["Unconscionability", "Promissory estoppel", "Res judicata", "Adverse possession"], "answer": 0},
+    {"id": "medical-001", "domain": "medical",
+     "question": "A patient on long-term warfarin therapy starts a course of a macrolide antibiotic; which laboratory "
+                 "value should be checked more often during the following two weeks to avoid bleeding?",
+     "choices": ["INR", "Serum sodium", "HbA1c", "Creatinine kinase"], "answer": 0},
+    {"id": "accounting-001", "domain": "accounting",
+     "question": "A company receives cash in advance for a twelve month service contract; how should the payment be "
+                 "recorded on the day the cash arrives in the bank account of the company?",
+     "choices": ["As deferred revenue, a liability", "As revenue", "As equity", "As an expense"], "answer": 0},
+]
+
+
+def exam_text(item: dict) -> str:
+    """The text a leaked exam item would show on the web: question and its correct answer."""
+    return f"{item['question']} Answer: {item['choices'][item['answer']]}"
+
+
+def generate(out_dir: str = HERE, seed: int = 1234, per_label: int = 100, web_docs: int = 600) -> dict:
+    rng = random.Random(seed)
+    labeled = []
+    for label in DOMAINS:
+        for i in range(per_label):
+            if rng.random() < 0.15:
+                other = rng.choice([d for d in DOMAINS if d != label])
+                text = make_mixed_doc(rng, label, other)
+            else:
+                text = make_doc(rng, label)
+            labeled.append({"id": f"seed-{label}-{i:03d}", "text": text, "label": label})
+    rng.shuffle(labeled)
+    n_lab = write_jsonl(os.path.join(out_dir, "seed_labeled.jsonl"), labeled)
+
+    web = []
+    weights = {"legal": 0.15, "medical": 0.15, "accounting": 0.1, "other": 0.6}
+    for i in range(web_docs):
+        label = rng.choices(list(weights), weights=list(weights.values()))[0]
+        text = make_doc(rng, label, (2, 12)) if rng.random() > 0.2 else make_mixed_doc(
+            rng, label, rng.choice(list(DOMAINS)))
+        web.append({"id": f"web-{i:05d}", "text": text, "url": f"https://example.org/{label[:3]}/{i}"})
+    # two pages that quote exam items (the decontamination step must remove them)
+    for j, item in enumerate(EXAM_ITEMS[:2]):
+        pos = rng.randint(0, len(web))
+        web.insert(pos, {"id": f"web-leak-{j}", "url": f"https://example.org/quiz/{j}",
+                         "text": make_doc(rng, item["domain"], (1, 2)) + "\n\nPractice question: "
+                         + exam_text(item)})
+    web_lines: list = list(web)
+    web_lines.insert(50, '{"id": "web-bad-json", "text": "unterminated')
+    web_lines.insert(120, {"id": "web-no-text", "body": "this record uses another field"})
+    web_lines.insert(300, {"id": "web-empty", "text": "   "})
+    n_web = write_jsonl(os.path.join(out_dir, "web_sample.jsonl"), web_lines)
+    n_exam = write_jsonl(os.path.join(out_dir, "exam_sample.jsonl"), EXAM_ITEMS)
+    return {"seed_labeled": n_lab, "web_sample": n_web, "exam_sample": n_exam}
+
+
+if __name__ == "__main__":
+    print(generate())
