@@ -63,7 +63,12 @@ def _build(plan: Plan, device):
     dtype = DTYPES[plan.dtype]
     opts = BuildOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         use_te=None if device.type == "cuda" else False,
-                        sequence_parallel=cfg.parallel.sequence_parallel, init_weights=False,
+                        sequence_parallel=cfg.parallel.sequence_parallel,
+                        # init_weights must stay True even though the checkpoint overwrites every
+                        # weight: Megatron-core (0.16.1, tensor_parallel/layers.py) only marks
+                        # weights as tensor-parallel inside its init functions; without the marks
+                        # the grad norm (and clipping) ignores TP rank > 0 shards.
+                        init_weights=True,
                         extra=_fp8_extra(cfg, plan.model.num_layers))
     gpt = build_gpt_model(plan.model, opts)
     resume = checkpointing.latest_checkpoint(Path(cfg.run_dir))
