@@ -279,6 +279,11 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
             if cfg.checkpoint.save_at_end and saved_at != it:
                 save(it)
             metrics.write({"kind": "event", "iteration": it, "event": "done", "details": ""})
+        if rank == 0:  # the launcher reads this even where torchrun masks the exit code
+            status = {"code": code, "iteration": it, "iterations": n_iter,
+                      "reason": {0: "done", 3: "nonfinite", 42: "requeue"}[code]}
+            (run / "exit_status.json").write_text(json.dumps(status) + "\n")
+        dist.barrier()  # leave together: torchrun kills the others when one rank exits first
     finally:
         stop.uninstall()
         metrics.close()
