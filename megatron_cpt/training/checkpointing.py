@@ -122,6 +122,7 @@ def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
         shutil.copytree(Path(pretrained) / store.TOKENIZER, tmp / store.TOKENIZER)
         store.write_metadata(tmp, {"kind": "trained", "iteration": iteration,
                                    "scheduler": scheduler.state_dict(),
+                                   "adam_step": _adam_step(optimizer),
                                    "world_size": dist.get_world_size(), **meta})
         if final.exists():  # an uncommitted folder of the same iteration (crash after rename)
             old = root / f".{final.name}.old"
@@ -151,6 +152,53 @@ def _retain(root: Path, keep_last: int, keep_iterations: set[int]) -> None:
             shutil.rmtree(root / iter_name(it), ignore_errors=True)
 
 
+def _torch_optimizers(optimizer) -> list:
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_step(optimizer) -> float | None:
+    """torch Adam's per-param ``step`` (None for fused optimizers that keep it elsewhere)."""
+    for inner in _torch_optimizers(optimizer):
+        for st in inner.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                return float(st["step"])
+    return None
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state tensors a loaded checkpoint will overwrite.
+
+    torch's Adam creates its state lazily at the first step, but Megatron-core's
+    ``DistributedOptimizer.state_dict()`` (0.16.1, without Apex/TE) asserts that every
+    param state has one common ``step``; a freshly built optimizer has none, so resume
+    would fail before loading. TE/Apex fused optimizers use Megatron's own ``init_state_fn``.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p].update(step=torch.tensor(0.0),
+                                              exp_avg=torch.zeros_like(p.data),
+                                              exp_avg_sq=torch.zeros_like(p.data))
+        elif getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, getattr(opt, "config", None))
+
+
+def _restore_adam_step(optimizer, step: float | None) -> None:
+    """Megatron-core 0.16.1's non-Apex/TE load path does not restore torch Adam's ``step``
+    (it comes back as the template's value) and, where it sets one, shares one tensor
+    across all params (foreach Adam then adds 1 per param per step). Set an own copy of
+    the saved step on every param state."""
+    if step is None:
+        return
+    for inner in _torch_optimizers(optimizer):
+        for st in inner.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def load(ckpt: Path, gpt, optimizer, scheduler) -> dict:
     """Full resume (collective): model, optimizer, scheduler, RNG. Returns the metadata."""
     from megatron.core import dist_checkpointing
@@ -160,10 +208,13 @@ def load(ckpt: Path, gpt, optimizer, scheduler) -> dict:
         from megatron_cpt.errors import UsageError
         raise UsageError(f"{ckpt} was written by {meta.get('world_size')} ranks; resume it with "
                          "the same number of processes and the same TP/PP")
+    _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_state_dicts(gpt, optimizer, is_loading=True),
                                     str(Path(ckpt) / store.WEIGHTS))
-    gpt.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of the (leaf) model params
+        gpt.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_step(optimizer, meta.get("adam_step"))
     scheduler.load_state_dict(meta["scheduler"])
     rng = torch.load(Path(ckpt) / TRAINER / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
     _set_rng_state(rng)
