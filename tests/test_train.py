@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +47,14 @@ def _args(toy, run_dir: Path, extra: list[str]) -> list[str]:
 def launch(toy, nproc: int, run_dir: Path, extra: list[str] = (), env: dict | None = None,
            timeout: int = 300) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(_cmd(nproc) + _args(toy, run_dir, list(extra)), env=e, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    # files, not pipes: a rank killed mid-save can leave the checkpoint writer's forked
+    # child holding a pipe open, and the parent would wait for EOF forever
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rc = subprocess.run(_cmd(nproc) + _args(toy, run_dir, list(extra)), env=e, cwd=ROOT,
+                            stdout=out, stderr=err, timeout=timeout).returncode
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess([], rc, out.read(), err.read())
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -162,10 +169,10 @@ def test_data_parallel_distributed_optimizer_equals_single_process(single, dp2):
     assert sorted(i for _, i in sample_ids(dp2)) == list(range(240))
 
 
-def _signal_one_worker(toy, run_dir: Path, after_records: int) -> subprocess.Popen:
+def _signal_one_worker(toy, run_dir: Path, after_records: int, log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cmd(2) + _args(toy, run_dir, []), env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT)
     import psutil
 
     deadline = time.time() + 240
@@ -183,8 +190,11 @@ def _signal_one_worker(toy, run_dir: Path, after_records: int) -> subprocess.Pop
 
 def test_sigterm_then_relaunch_reproduces_loss_sequence_exactly(toy, dp2, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _signal_one_worker(toy, run_dir, after_records=5)
-    out, _ = proc.communicate(timeout=300)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = _signal_one_worker(toy, run_dir, after_records=5, log=log)
+        proc.wait(timeout=300)
+        log.seek(0)
+        out = log.read()
     status = exit_status(run_dir)
     assert status["code"] == 42 and "exitcode  : 42" in out, out[-3000:]
     stopped = status["iteration"]

@@ -31,7 +31,11 @@ def _model_for(cfg, name: str | None):
     from megatron_cpt.models.qwen2 import ModelConfig
 
     if name:
-        return ModelConfig.load(name)
+        from megatron_cpt.models.qwen2 import CONFIG_DIR
+
+        # "qwen2.5-7b" has a Path suffix (".5-7b"), so resolve catalogue names here
+        named = CONFIG_DIR / f"{name}.yaml"
+        return ModelConfig.load(named if named.is_file() else name)
     if store.is_checkpoint(Path(cfg.model.pretrained)):
         return store.read_model_config(Path(cfg.model.pretrained))
     raise UsageError(f"model.pretrained {cfg.model.pretrained} is not a checkpoint yet; pass "
