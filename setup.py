@@ -23,6 +23,7 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -147,15 +147,27 @@ def test_30_steps_loss_decreases_and_step0_matches_transformers(single, toy):
                                        (4, ["parallel.tp=2", "parallel.pp=2"])],
                          ids=["tp2", "pp2", "tp2xpp2"])
 def test_model_parallel_losses_equal_single_process(single, toy, tmp_path, nproc, par):
+    """4 steps each. TP2 also checks the NaN stop (a NaN injected at step 5: exit 3, checkpoint
+    of step 4, TensorBoard files); PP2 and TP2xPP2 stop by stop_after_iterations (exit 42)."""
     steps = 4
-    proc = launch(toy, nproc, tmp_path / "run", [*par, f"train.stop_after_iterations={steps}"])
-    assert exit_status(tmp_path / "run")["code"] == 42, proc.stderr[-4000:]
-    got, ref = losses(tmp_path / "run"), losses(single)
+    run_dir = tmp_path / "run"
+    if par == ["parallel.tp=2"]:
+        proc = launch(toy, nproc, run_dir, [*par, "logging.tensorboard=true"],
+                      env={"MEGATRON_CPT_TEST_FAULT": f"nan_loss@{steps + 1}"})
+        assert exit_status(run_dir) == {"code": 3, "iteration": steps, "iterations": 30,
+                                        "reason": "nonfinite"}, proc.stderr[-4000:]
+        assert f"non-finite loss nan at iteration {steps + 1}" in proc.stderr
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    else:
+        proc = launch(toy, nproc, run_dir, [*par, f"train.stop_after_iterations={steps}"])
+        assert exit_status(run_dir)["code"] == 42, proc.stderr[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{steps:07d}"
+    got, ref = losses(run_dir), losses(single)
     assert sorted(got) == list(range(1, steps + 1))
     diffs = [abs(got[i] - ref[i]) for i in got]
     print(f"{par}: max |loss - single| over {steps} steps = {max(diffs):.2e}")
     assert max(diffs) < TOL, (got, ref)
-    gn = {r["iteration"]: r["grad_norm"] for r in records(tmp_path / "run")}
+    gn = {r["iteration"]: r["grad_norm"] for r in records(run_dir)}
     gn_ref = {r["iteration"]: r["grad_norm"] for r in records(single)}
     assert max(abs(gn[i] - gn_ref[i]) for i in gn) < 1e-3, (gn, gn_ref)
 
@@ -228,3 +240,4 @@ def test_crash_during_checkpoint_save_keeps_previous_and_resumes(toy, single, tm
     resumed = [r for r in records(run_dir, "event") if r["event"] == "resume"]
     assert [r["details"] for r in resumed] == ["iter_0000010"]
     assert losses(run_dir) == losses(single)
+

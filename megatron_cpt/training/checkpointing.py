@@ -33,7 +33,9 @@ import torch.distributed as dist
 from megatron_cpt.checkpoint import store
 
 CHECKPOINTS, LATEST, TRAINER = "checkpoints", "latest", "trainer"
-FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"  # test-only: "crash_in_save@ITER" kills every rank mid-save
+# test-only fault injection: "crash_in_save@ITER" kills every rank between writing the weights
+# and committing the folder; "nan_loss@ITER" makes the loss of that iteration NaN (loop.py)
+FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 FAULT_EXIT = 17
 
 

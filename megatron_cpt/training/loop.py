@@ -230,6 +230,8 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
             dist.all_reduce(agree)
             loss = float(agree[0] / agree[1])
             want_stop = bool(agree[2] > 0)
+            if os.environ.get(checkpointing.FAULT_ENV) == f"nan_loss@{it + 1}":  # tests only
+                loss = float("nan")
             if not math.isfinite(loss):
                 msg = (f"non-finite loss {loss} at iteration {it + 1}; stopped with a checkpoint of "
                        f"the last good iteration {it}; lower optimizer.lr or check the data")
