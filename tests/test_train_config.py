@@ -163,3 +163,29 @@ def test_run_dir_of_another_config_exit_2_unless_force(toy, tmp_path, monkeypatc
     assert rc == 2 and "created by a different config" in err
     rc, _ = _train(toy, tmp_path, monkeypatch=monkeypatch, capsys=capsys, force=True)
     assert rc == 0
+
+
+def test_stop_flag_signals_and_walltime(monkeypatch):
+    import os
+    import signal
+    import time
+
+    from megatron_cpt.training import signals
+
+    assert signals._parse_slurm_duration("1-02:03:04") == 86400 + 7384
+    assert signals._parse_slurm_duration("05:06") == 306
+    assert signals._parse_slurm_duration("UNLIMITED") is None
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    flag = signals.StopFlag(exit_before_walltime_min=10).install()
+    try:
+        assert flag.deadline is None and flag.local_code() == 0.0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert flag.received == signal.SIGUSR1 and flag.local_code() == 1.0
+    finally:
+        flag.uninstall()
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 300))  # 5 min left
+    assert signals.StopFlag(exit_before_walltime_min=10).local_code() == 1.0
+    assert signals.StopFlag(exit_before_walltime_min=1).local_code() == 0.0
+    assert signals.EXIT_REQUEUE == 42 and signals.EXIT_USAGE == 2 and signals.EXIT_NONFINITE == 3
