@@ -13,8 +13,8 @@ Reading the terms as "6N plus attention":
   * ``12 L h^2 (1 + G/H) r`` = 6 x the QKV and output projection weights
     (h*(H*d) + 2*h*(G*d) + (H*d)*h per layer, times 2 FLOPs per MAC, times 3);
   * ``12 L h^2 * 1.5 f/h``   = 6 x the SwiGLU weights (3 * h * f per layer);
-  * ``12 L h s r``           = the attention scores and weighted sum (QK^T and AV,
-    2 * s * H*d MACs per token per layer each ... counted without the causal half, as Megatron);
+  * ``12 L h s r``           = the attention scores QK^T and the weighted sum AV (s * H*d
+    MACs each per token and layer, x 2 FLOPs x 3; the causal half is not removed, as Megatron);
   * ``6 h V``                = the output (logit) layer. The input embedding is a lookup and is
     not counted; tied or untied, the logit matmul is counted once — as Megatron does.
 Norms, biases, RoPE and softmax are ignored (< 0.5 % for Qwen2.5).
