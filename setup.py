@@ -30,6 +30,7 @@ setup(
         "zstandard",
         "pyarrow",
         "sentencepiece",
+        "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

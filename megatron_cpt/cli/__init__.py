@@ -15,6 +15,8 @@ from megatron_cpt.errors import UsageError
 STAGES = {
     "prep": ("data_prep.cli", "prepare data: domain classifier, filtering, decontamination, tokenization"),
     "convert": ("megatron_cpt.cli.convert", "convert checkpoints (HF <-> Megatron) and verify conversions"),
+    "train": ("megatron_cpt.cli.train", "continued pretraining under a compute budget (torchrun / srun)"),
+    "plan": ("megatron_cpt.cli.plan", "print tokens, FLOPs, iterations, checkpoints and GPU-hours of a run or grid"),
     "eval": ("eval.cli", "evaluate: lm-eval tasks for exams, score checkpoints in place"),
     "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
 }

@@ -1,0 +1,284 @@
+"""Typed training configuration: dataclasses loaded from YAML plus dotted overrides.
+
+``TrainConfig.load(path, ["optimizer.lr=1e-4", ...])`` returns a validated config. Only
+checks that need nothing but the YAML live here (:meth:`TrainConfig.check`); checks that
+need the world size, the checkpoint or the data files live in :mod:`.validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_cpt.errors import UsageError
+
+
+@dataclass
+class ModelSection:
+    pretrained: str = ""          # converted checkpoint folder (store format) loaded on the first launch
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class PrecisionSection:
+    dtype: str = "auto"           # auto: bfloat16 on GPU, float32 on CPU
+    fp8: str | None = None        # null | hybrid | e4m3 (Transformer Engine only)
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
+    fp8_bf16_first_layers: int = 0  # keep the first N transformer layers in bf16
+    fp8_bf16_last_layers: int = 0   # keep the last N transformer layers in bf16
+
+
+@dataclass
+class Prefix:
+    prefix: str = ""
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class DataSection:
+    train: list[Prefix] = field(default_factory=list)
+    valid: list[Prefix] = field(default_factory=list)   # one per domain + a general one
+    seq_length: int = 4096
+    cache_dir: str = ""           # default: RUN/data_cache
+    check_hashes: bool = True     # sha256 of .bin/.idx against the manifest
+
+
+@dataclass
+class BatchSection:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 3e-5
+    min_lr: float = 3e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    warmup_fraction: float = 0.01     # of the run's iterations
+    decay_style: str = "cosine"       # cosine | linear | WSD | constant
+    wsd_decay_fraction: float = 0.1   # WSD: final fraction of iterations spent decaying
+    wsd_decay_style: str = "linear"   # linear | cosine | exponential | minus_sqrt
+
+
+@dataclass
+class BudgetSection:
+    tokens: float | None = None       # exactly one of tokens / flops / iterations
+    flops: float | None = None
+    iterations: int | None = None
+
+
+@dataclass
+class CheckpointSection:
+    every_tokens: float | None = None  # save every N tokens (rounded up to whole iterations)
+    keep_last: int = 2                 # plus every checkpoint on the evaluation grid
+    keep_every_tokens: float | None = None  # evaluation grid: keep checkpoints at multiples of this
+    save_at_end: bool = True
+
+
+@dataclass
+class EvalSection:
+    interval_tokens: float | None = None  # validate every N tokens (None: only at the end)
+    iters: int = 4                        # micro batches per validation prefix
+    at_end: bool = True
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    tensorboard: bool = True
+    mfu_peak_tflops: float = 989.0    # per-GPU dense bf16 peak used for MFU (H100 SXM)
+    log_sample_ids: bool = False      # write samples.jsonl (which samples each step consumed)
+
+
+@dataclass
+class TrainSection:
+    seed: int = 1234
+    exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
+    stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit 42
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        for item in overrides:
+            apply_override(data, item)
+        cfg = cls.from_dict(data)
+        cfg.resolve_paths(path.parent)
+        cfg.check()
+        return cfg
+
+    def resolve_paths(self, base: Path) -> None:
+        """Relative paths in the YAML are relative to the YAML file's folder."""
+        def res(p: str) -> str:
+            return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+        self.run_dir = res(self.run_dir)
+        self.model.pretrained = res(self.model.pretrained)
+        self.data.cache_dir = res(self.data.cache_dir)
+        for p in self.data.train + self.data.valid:
+            p.prefix = res(p.prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def result_hash(self) -> str:
+        """Hash of every setting that changes the trained weights (not logging, retention,
+        walltime or paths of caches): a run folder refuses a config with another hash."""
+        d = self.to_dict()
+        for k in ("logging", "eval", "run_dir"):
+            d.pop(k)
+        d["checkpoint"] = {}
+        d["train"].pop("exit_before_walltime_min")
+        d["train"].pop("stop_after_iterations")
+        d["data"].pop("cache_dir")
+        d["data"].pop("check_hashes")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- checks that need only the YAML ------------------------------------------------------
+    def check(self) -> None:
+        if not self.run_dir:
+            raise UsageError("run_dir is not set; add `run_dir: PATH` or run_dir=PATH")
+        if not self.model.pretrained:
+            raise UsageError("model.pretrained is not set; point it at a converted checkpoint "
+                             "(`megatron-cpt convert hf-to-mcore`)")
+        if not self.data.train:
+            raise UsageError("data.train is empty; list at least one {prefix, weight}")
+        if any(p.weight <= 0 for p in self.data.train):
+            raise UsageError("data.train weights must be > 0")
+        b = self.budget
+        given = [k for k in ("tokens", "flops", "iterations") if getattr(b, k) is not None]
+        if len(given) != 1:
+            raise UsageError(f"set exactly one of budget.tokens, budget.flops, budget.iterations "
+                             f"(got {given or 'none'})")
+        if self.batch.micro_batch_size < 1 or self.batch.global_batch_size < 1:
+            raise UsageError("batch sizes must be >= 1")
+        if self.schedule.decay_style not in ("cosine", "linear", "WSD", "constant"):
+            raise UsageError(f"schedule.decay_style {self.schedule.decay_style!r} unknown; "
+                             "choose cosine, linear, WSD or constant")
+        if self.precision.dtype not in ("auto", "float32", "bfloat16"):
+            raise UsageError(f"precision.dtype {self.precision.dtype!r} unknown; "
+                             "choose auto, float32 or bfloat16")
+        if self.precision.fp8 not in (None, "hybrid", "e4m3"):
+            raise UsageError(f"precision.fp8 {self.precision.fp8!r} unknown; choose null, hybrid or e4m3")
+        if self.precision.fp8_recipe not in ("tensorwise", "delayed", "mxfp8", "blockwise"):
+            raise UsageError(f"precision.fp8_recipe {self.precision.fp8_recipe!r} unknown; "
+                             "choose tensorwise, delayed, mxfp8 or blockwise")
+        if self.logging.interval < 1:
+            raise UsageError("logging.interval must be >= 1")
+        if self.checkpoint.keep_last < 1:
+            raise UsageError("checkpoint.keep_last must be >= 1")
+        names = [p.name or Path(p.prefix).name for p in self.data.valid]
+        if len(set(names)) != len(names):
+            raise UsageError(f"data.valid names must be unique (got {names}); set name: per prefix")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``a.b.c=value`` with ``value`` parsed as YAML (numbers, lists, null...)."""
+    if "=" not in item:
+        raise UsageError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise UsageError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"unknown key(s) {unknown} in {where or 'config'}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}".lstrip("."))
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{where} must be a list")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    try:
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where} must be {tp.__name__}, got {value!r}") from None
+    return value

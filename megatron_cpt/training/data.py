@@ -1,0 +1,182 @@
+"""Training and validation data: Megatron-core ``GPTDataset`` blends over prepared prefixes.
+
+A prefix ``P`` is ``P.bin`` + ``P.idx`` (Megatron IndexedDataset) + ``P.manifest.json``
+({documents, tokens, bytes, tokenizer: {name, vocab_size, eod_id, sha256}, bin_sha256,
+idx_sha256}). The training blend is one ``BlendedDataset`` built by
+``BlendedMegatronDatasetBuilder``; every validation prefix is its own dataset (one per domain
+plus a general one, never a ratio split of the training data).
+
+Data order is a pure function of the seed and the consumed-sample count: the global batch of
+iteration ``i`` is samples ``[i*G, (i+1)*G)`` of the blend; data-parallel rank ``d`` takes the
+contiguous slice ``[d*G/D, (d+1)*G/D)`` and feeds it as ``G/(D*m)`` micro batches of ``m``.
+Resuming at iteration ``i`` therefore continues with exactly the next sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megatron_cpt.errors import UsageError
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer_dir: Path) -> str:
+    """The tokenizer's identity: sha256 of its ``tokenizer.json`` bytes."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found; the checkpoint's tokenizer folder is incomplete")
+    return sha256_file(path)
+
+
+def read_manifest(prefix: str | Path) -> dict:
+    path = Path(f"{prefix}.manifest.json")
+    if not path.is_file():
+        raise UsageError(f"data prefix {prefix}: {path.name} not found; prepare it with "
+                         "`megatron-cpt prep tokenize`")
+    return json.loads(path.read_text())
+
+
+def check_prefix(prefix: str | Path, tokenizer_sha256: str, check_hashes: bool = True) -> dict:
+    """Refuse a prefix that is missing, whose manifest does not match its files, or that was
+    tokenized with another tokenizer than the model's. Returns the manifest."""
+    prefix = str(prefix)
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise UsageError(f"data prefix {prefix}: {Path(prefix + ext).name} not found")
+    man = read_manifest(prefix)
+    size = Path(prefix + ".bin").stat().st_size
+    if man.get("bytes") != size:
+        raise UsageError(f"data prefix {prefix}: .bin has {size} bytes but the manifest says "
+                         f"{man.get('bytes')}; re-run tokenization")
+    if check_hashes:
+        for ext, key in ((".bin", "bin_sha256"), (".idx", "idx_sha256")):
+            if sha256_file(Path(prefix + ext)) != man.get(key):
+                raise UsageError(f"data prefix {prefix}: {ext} sha256 differs from the manifest; "
+                                 "the files changed after tokenization")
+    tok = (man.get("tokenizer") or {}).get("sha256")
+    if tok != tokenizer_sha256:
+        raise UsageError(f"data prefix {prefix} was tokenized with tokenizer {str(tok)[:12]}, the "
+                         f"model's tokenizer is {tokenizer_sha256[:12]}; re-tokenize it with the "
+                         "checkpoint's tokenizer")
+    return man
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    """The minimal tokenizer object GPTDatasetConfig needs."""
+    eod: int
+    vocab_size: int
+    unique_identifiers: dict
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+
+def _gpt_config(seed: int, seq: int, cache: str | None, eod: int, vocab: int, blend_per_split):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    tok = _Tokenizer(eod=eod, vocab_size=vocab,
+                     unique_identifiers={"class": "megatron_cpt", "eod": eod, "vocab": vocab})
+    return GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq, blend_per_split=blend_per_split,
+        path_to_cache=cache, tokenizer=tok, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+
+
+def _build(config, sizes):
+    """Build on global rank 0 first (it writes the index cache), then on the others."""
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import \
+        BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    def builder():
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = builder() if rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        out = builder()
+    return out
+
+
+def build_train_dataset(prefixes: list[str], weights: list[float], num_samples: int, seq: int,
+                        seed: int, cache_dir: str | None, eod: int, vocab: int):
+    """The training blend, long enough for ``num_samples`` samples (collective)."""
+    blend = (list(prefixes), [float(w) for w in weights] if len(prefixes) > 1 else None)
+    cfg = _gpt_config(seed, seq, cache_dir, eod, vocab, [blend, None, None])
+    return _build(cfg, [num_samples, None, None])[0]
+
+
+def build_valid_dataset(prefix: str, num_samples: int, seq: int, seed: int,
+                        cache_dir: str | None, eod: int, vocab: int):
+    cfg = _gpt_config(seed, seq, cache_dir, eod, vocab, [None, ([prefix], None), None])
+    return _build(cfg, [None, num_samples, None])[1]
+
+
+def micro_batch_indices(iteration: int, global_batch: int, dp_rank: int, dp_size: int,
+                        micro_batch: int) -> list[list[int]]:
+    """Sample indices of every micro batch this DP rank runs at ``iteration`` (0-based)."""
+    per_rank = global_batch // dp_size
+    start = iteration * global_batch + dp_rank * per_rank
+    return [list(range(start + m * micro_batch, start + (m + 1) * micro_batch))
+            for m in range(per_rank // micro_batch)]
+
+
+def collate(dataset, indices: list[int]) -> dict:
+    import torch
+
+    items = [dataset[i] for i in indices]
+    return {"tokens": torch.stack([torch.as_tensor(x["tokens"]) for x in items]).long(),
+            "labels": torch.stack([torch.as_tensor(x["labels"]) for x in items]).long(),
+            "loss_mask": torch.stack([torch.as_tensor(x["loss_mask"]) for x in items]).float(),
+            "sample_ids": indices}
+
+
+def iterate_micro_batches(dataset, iteration: int, global_batch: int, dp_rank: int,
+                          dp_size: int, micro_batch: int) -> Iterator[dict]:
+    for idx in micro_batch_indices(iteration, global_batch, dp_rank, dp_size, micro_batch):
+        yield collate(dataset, idx)
+
+
+def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: Path,
+                 eod_id: int, vocab_size: int) -> dict:
+    """Write ``prefix.bin/.idx`` + manifest from token lists (tests and the demo; the
+    data_prep package writes the same format at scale)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import torch
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.int32 if vocab_size >= 65500 else np.uint16
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    tokens = 0
+    for doc in documents:
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+        tokens += len(doc)
+    builder.finalize(prefix + ".idx")
+    man = {"documents": len(documents), "tokens": tokens,
+           "bytes": Path(prefix + ".bin").stat().st_size,
+           "tokenizer": {"name": Path(tokenizer_dir).name, "vocab_size": vocab_size,
+                         "eod_id": eod_id, "sha256": tokenizer_sha256(tokenizer_dir)},
+           "bin_sha256": sha256_file(Path(prefix + ".bin")),
+           "idx_sha256": sha256_file(Path(prefix + ".idx"))}
+    Path(prefix + ".manifest.json").write_text(json.dumps(man, indent=2))
+    return man

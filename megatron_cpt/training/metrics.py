@@ -1,0 +1,63 @@
+"""Metrics: ``RUN/metrics.jsonl`` (append-only), TensorBoard when importable, a progress line.
+
+Record kinds (field ``kind``):
+  * ``train``: iteration, tokens, flops, loss, lr, grad_norm, step_time_s, tokens_per_s,
+    tflops_per_gpu, mfu
+  * ``valid``: iteration, tokens, flops, prefix (its name), loss
+  * ``event``: iteration, event (resume, checkpoint, stop, nonfinite, done), details
+Only global rank 0 writes. On resume, records of iterations after the checkpoint are kept
+(the file is a log); readers take the last record per (kind, iteration, prefix).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl only
+                self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None and record.get("kind") in ("train", "valid"):
+            it = record["iteration"]
+            if record["kind"] == "train":
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu"):
+                    if record.get(k) is not None:
+                        self._tb.add_scalar(f"train/{k}", record[k], it)
+            else:
+                self._tb.add_scalar(f"valid/{record['prefix']}/loss", record["loss"], it)
+
+    def progress(self, r: dict, total: int) -> None:
+        if not self.enabled:
+            return
+        gn = r.get("grad_norm")
+        print(f"iter {r['iteration']:>7}/{total} | tokens {r['tokens']:.3e} | loss {r['loss']:.5f} "
+              f"| lr {r['lr']:.3e} | grad_norm {gn if gn is None else round(gn, 4)} "
+              f"| {r['step_time_s'] * 1000:.1f} ms | {r['tokens_per_s']:.0f} tok/s "
+              f"| {r['tflops_per_gpu']:.3f} TFLOP/s/gpu | mfu {r['mfu']:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def event(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

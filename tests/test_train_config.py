@@ -1,0 +1,191 @@
+"""Trainer configuration, budget, plan and every pre-flight validation error (in process:
+each error must exit 2 with one line before any distributed init or tensor)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_cpt.cli import main
+from megatron_cpt.errors import UsageError
+from megatron_cpt.models.qwen2 import ModelConfig
+from megatron_cpt.training import budget
+from megatron_cpt.training.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "train" / "tiny-cpu.yaml"
+EXAMPLE_7B = ROOT / "configs" / "train" / "qwen2.5-7b-tp2-fp8.yaml"
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    from megatron_cpt.training.toy import make_toy
+
+    return make_toy(tmp_path_factory.getbasetemp() / "toy")
+
+
+def _train(toy, tmp_path, *extra, world=1, monkeypatch=None, capsys=None, force=False):
+    from megatron_cpt.training.toy import toy_overrides
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = ["train", "--check", "--config", str(CONFIG), *toy_overrides(toy, tmp_path / "run"),
+            *extra] + (["--force"] if force else [])
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_config_overrides_types_and_unknown_keys(tmp_path):
+    cfg = TrainConfig.load(CONFIG, ["optimizer.lr=1e-4", "parallel.tp=2", "budget.iterations=7"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.parallel.tp == 2 and cfg.budget.iterations == 7
+    assert Path(cfg.run_dir).is_absolute()
+    with pytest.raises(UsageError, match="unknown key"):
+        TrainConfig.load(CONFIG, ["optimizer.lrr=1"])
+    with pytest.raises(UsageError, match="must be int"):
+        TrainConfig.load(CONFIG, ["parallel.tp=two"])
+    with pytest.raises(UsageError, match="exactly one of budget"):
+        TrainConfig.load(CONFIG, ["budget.tokens=1e6"])
+    a = TrainConfig.load(CONFIG, ["logging.interval=5", "checkpoint.keep_last=9"])
+    b = TrainConfig.load(CONFIG, [])
+    assert a.result_hash() == b.result_hash()  # logging / retention do not change results
+    assert TrainConfig.load(CONFIG, ["optimizer.lr=1e-4"]).result_hash() != b.result_hash()
+
+
+def test_flops_per_token_formula():
+    from megatron_cpt.models.qwen2 import CONFIG_DIR
+
+    m = ModelConfig.load(CONFIG_DIR / "qwen2.5-7b.yaml")
+    s = 4096
+    fpt = budget.flops_per_token(m, s)
+    L, h, H, G, f, V = 28, 3584, 28, 4, 18944, 152064
+    expected = 12 * L * h * h * (1 + G / H + s / h + 1.5 * f / h) + 6 * h * V
+    assert fpt == pytest.approx(expected)
+    n_nonemb = m.num_parameters(include_embeddings=False)
+    attention = 12 * L * h * s
+    # 6N (non-embedding weights, biases/norms ignored) + attention + logits
+    assert fpt == pytest.approx(6 * n_nonemb + attention + 6 * h * V, rel=1e-3)
+    b = budget.compute_budget(m, s, 512, tokens=2e9, checkpoint_every_tokens=2.5e8)
+    assert b.iterations == int(2e9 // (512 * s)) and b.checkpoint_iterations[-1] == b.iterations
+    b2 = budget.compute_budget(m, s, 512, flops=b.flops)
+    assert b2.iterations == b.iterations
+
+
+def test_plan_run_and_grid(tmp_path, capsys):
+    assert main(["plan", "--config", str(EXAMPLE_7B), "--model", "qwen2.5-7b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["iterations"] > 0 and rows[0]["gpu_hours"] > 0
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"base: {EXAMPLE_7B}\nbudget: {{tokens: 1.0e9}}\n"
+                    "domains: [legal, medical, general]\n"
+                    "sizes:\n  qwen2.5-1.5b: {gpus: 8}\n  qwen2.5-7b: {gpus: 16}\n")
+    assert main(["plan", "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-7b/medical" in out and "total:" in out
+
+
+def test_check_passes_on_valid_config(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    from megatron_cpt.training.toy import toy_overrides
+
+    assert main(["train", "--check", "--config", str(CONFIG),
+                 *toy_overrides(toy, tmp_path / "run")]) == 0
+    assert "30 iterations" in capsys.readouterr().out
+
+
+def _bad_prefix(toy, tmp_path, name, mutate):
+    src = toy["prefixes"]["legal_train"]
+    dst = tmp_path / name
+    for ext in (".bin", ".idx", ".manifest.json"):
+        shutil.copy(src + ext, str(dst) + ext)
+    man = json.loads(Path(str(dst) + ".manifest.json").read_text())
+    mutate(dst, man)
+    Path(str(dst) + ".manifest.json").write_text(json.dumps(man))
+    return str(dst)
+
+
+def _tamper_bin(dst, man):
+    with open(str(dst) + ".bin", "r+b") as f:
+        f.seek(10)
+        f.write(b"\x07\x07")
+
+
+CASES = {
+    "world": (dict(world=3, extra=["parallel.tp=2"]), "does not divide the world size 3"),
+    "heads": (dict(world=3, extra=["parallel.tp=3"]), "attention heads"),
+    "kv_heads": (dict(world=4, extra=["parallel.tp=4"]), "kv heads"),
+    "layers": (dict(world=3, extra=["parallel.pp=3"]), "layers"),
+    "batch": (dict(extra=["batch.micro_batch_size=3"]), "global_batch_size 8 != micro_batch_size 3"),
+    "budget": (dict(extra=["budget.iterations=null", "budget.tokens=100"]), "buys 0 iterations"),
+    "fp8": (dict(extra=["precision.fp8=hybrid", "precision.dtype=bfloat16"]), "Transformer Engine"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validation_error_exit_2(case, toy, tmp_path, monkeypatch, capsys):
+    kw, message = CASES[case]
+    rc, err = _train(toy, tmp_path, *kw.get("extra", []), world=kw.get("world", 1),
+                     monkeypatch=monkeypatch, capsys=capsys)
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_data_prefix_errors_exit_2(toy, tmp_path, monkeypatch, capsys):
+    def run(prefix, where="train"):
+        key = "data.train" if where == "train" else "data.valid"
+        return _train(toy, tmp_path, f"{key}=[{{prefix: {prefix}, name: x}}]",
+                      monkeypatch=monkeypatch, capsys=capsys)
+
+    rc, err = run(tmp_path / "missing")
+    assert rc == 2 and "missing.bin not found" in err
+    rc, err = run(_bad_prefix(toy, tmp_path, "tampered", _tamper_bin))
+    assert rc == 2 and "sha256 differs from the manifest" in err
+    rc, err = run(_bad_prefix(toy, tmp_path, "short", lambda d, m: m.update(bytes=1)))
+    assert rc == 2 and "bytes but the manifest says 1" in err
+    other = _bad_prefix(toy, tmp_path, "othertok",
+                        lambda d, m: m["tokenizer"].update(sha256="0" * 64))
+    rc, err = run(other)
+    assert rc == 2 and "was tokenized with tokenizer 000000000000" in err
+    # a validation prefix too small for one sequence: the validation split would be empty
+    from megatron_cpt.training.data import write_prefix
+
+    tiny = tmp_path / "tiny_valid"
+    write_prefix(tiny, [[5, 6, 7, toy["eod"]]], toy["tokenizer"], toy["eod"], 1024)
+    rc, err = run(tiny, where="valid")
+    assert rc == 2 and "validation split would be empty" in err
+
+
+def test_run_dir_of_another_config_exit_2_unless_force(toy, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config_hash": "feedfacefeedface"}))
+    rc, err = _train(toy, tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert rc == 2 and "created by a different config" in err
+    rc, _ = _train(toy, tmp_path, monkeypatch=monkeypatch, capsys=capsys, force=True)
+    assert rc == 0
+
+
+def test_stop_flag_signals_and_walltime(monkeypatch):
+    import os
+    import signal
+    import time
+
+    from megatron_cpt.training import signals
+
+    assert signals._parse_slurm_duration("1-02:03:04") == 86400 + 7384
+    assert signals._parse_slurm_duration("05:06") == 306
+    assert signals._parse_slurm_duration("UNLIMITED") is None
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    flag = signals.StopFlag(exit_before_walltime_min=10).install()
+    try:
+        assert flag.deadline is None and flag.local_code() == 0.0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert flag.received == signal.SIGUSR1 and flag.local_code() == 1.0
+    finally:
+        flag.uninstall()
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 300))  # 5 min left
+    assert signals.StopFlag(exit_before_walltime_min=10).local_code() == 1.0
+    assert signals.StopFlag(exit_before_walltime_min=1).local_code() == 0.0
+    assert signals.EXIT_REQUEUE == 42 and signals.EXIT_USAGE == 2 and signals.EXIT_NONFINITE == 3
