@@ -102,7 +102,8 @@ def single(toy, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dp2(toy, tmp_path_factory) -> Path:
-    return run_once("dp2", toy, tmp_path_factory, 2, [])
+    # validation every 5 iterations (forward only; it must not change the training losses)
+    return run_once("dp2", toy, tmp_path_factory, 2, ["eval.interval_tokens=2560"])
 
 
 def test_30_steps_loss_decreases_and_step0_matches_transformers(single, toy):
@@ -179,6 +180,8 @@ def test_data_parallel_distributed_optimizer_equals_single_process(single, dp2):
     print(f"DP2: max |loss - single| over 8 steps = {max(diffs):.2e}")
     assert max(diffs) < TOL
     assert sorted(i for _, i in sample_ids(dp2)) == list(range(240))
+    valid = [(r["iteration"], r["prefix"]) for r in records(dp2, "valid")]
+    assert valid == [(i, p) for i in range(5, 31, 5) for p in ("legal", "general")]
 
 
 def _signal_one_worker(toy, run_dir: Path, after_records: int, log) -> subprocess.Popen:

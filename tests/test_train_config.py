@@ -189,3 +189,40 @@ def test_stop_flag_signals_and_walltime(monkeypatch):
     assert signals.StopFlag(exit_before_walltime_min=10).local_code() == 1.0
     assert signals.StopFlag(exit_before_walltime_min=1).local_code() == 0.0
     assert signals.EXIT_REQUEUE == 42 and signals.EXIT_USAGE == 2 and signals.EXIT_NONFINITE == 3
+
+
+class _FakeOptimizer:
+    def __init__(self):
+        self.param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "WSD", "constant"])
+def test_schedule_shapes(style):
+    from megatron_cpt.training.loop import make_scheduler
+
+    cfg = TrainConfig.load(CONFIG, [f"schedule.decay_style={style}", "schedule.warmup_fraction=0.1",
+                                    "schedule.wsd_decay_fraction=0.2", "optimizer.lr=1.0",
+                                    "optimizer.min_lr=0.1"])
+    opt = _FakeOptimizer()
+    sched = make_scheduler(opt, cfg, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])  # the rate step i uses
+        sched.step(increment=1)
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0)  # linear warmup over 10 steps
+    if style == "constant":
+        assert lrs[99] == pytest.approx(1.0)
+    elif style == "WSD":
+        assert lrs[79] == pytest.approx(1.0) and lrs[99] < 0.2  # stable, then the last 20 decay
+    else:
+        assert lrs[99] < 0.12 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_retention_keeps_last_k_and_evaluation_grid(tmp_path):
+    from megatron_cpt.training.checkpointing import _retain, iter_name
+
+    for it in (10, 20, 30, 40, 50, 60):
+        (tmp_path / iter_name(it)).mkdir()
+    _retain(tmp_path, keep_last=2, keep_iterations={20, 40})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        iter_name(i) for i in (20, 40, 50, 60)]

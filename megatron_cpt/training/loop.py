@@ -54,8 +54,6 @@ def _build(plan: Plan, device):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     from megatron_cpt.checkpoint import store
     from megatron_cpt.models.qwen2 import BuildOptions, build_gpt_model
 
@@ -84,18 +82,27 @@ def _build(plan: Plan, device):
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer), [model])
-    n = plan.budget.iterations
-    s = cfg.schedule
-    warm = round(s.warmup_fraction * n)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warm,
-        lr_decay_steps=n, lr_decay_style=s.decay_style, start_wd=o.weight_decay,
-        end_wd=o.weight_decay, wd_incr_steps=n, wd_incr_style="constant",
-        wsd_decay_steps=max(1, round(s.wsd_decay_fraction * n)) if s.decay_style == "WSD" else None,
-        lr_wsd_decay_style=s.wsd_decay_style if s.decay_style == "WSD" else None)
+    scheduler = make_scheduler(optimizer, cfg, plan.budget.iterations)
     gpt.config.finalize_model_grads_func = finalize_model_grads
     gpt.config.no_sync_func = model.no_sync
     return gpt, model, optimizer, scheduler, resume
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, n: int):
+    """Megatron's OptimizerParamScheduler, stepped once per iteration: linear warmup from 0 over
+    ``warmup_fraction * n`` iterations, then cosine / linear / constant decay to ``min_lr`` at
+    ``n``, or WSD (constant, then the last ``wsd_decay_fraction * n`` iterations decay)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, s = cfg.optimizer, cfg.schedule
+    wsd = s.decay_style == "WSD"
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=round(s.warmup_fraction * n), lr_decay_steps=n,
+        lr_decay_style=s.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=n, wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(s.wsd_decay_fraction * n)) if wsd else None,
+        lr_wsd_decay_style=s.wsd_decay_style if wsd else None)
 
 
 def _forward_step(seq: int):
