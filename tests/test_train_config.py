@@ -137,15 +137,15 @@ def test_data_prefix_errors_exit_2(toy, tmp_path, monkeypatch, capsys):
                       monkeypatch=monkeypatch, capsys=capsys)
 
     rc, err = run(tmp_path / "missing")
-    assert rc == 2 and "missing.bin not found" in err
+    assert rc == 2 and "missing.manifest.json is missing" in err
     rc, err = run(_bad_prefix(toy, tmp_path, "tampered", _tamper_bin))
-    assert rc == 2 and "sha256 differs from the manifest" in err
-    rc, err = run(_bad_prefix(toy, tmp_path, "short", lambda d, m: m.update(bytes=1)))
-    assert rc == 2 and "bytes but the manifest says 1" in err
+    assert rc == 2 and "does not match the sha256 in its manifest" in err
+    rc, err = run(_bad_prefix(toy, tmp_path, "short", lambda d, m: m.update(bin_bytes=1)))
+    assert rc == 2 and "bytes but its manifest says 1" in err
     other = _bad_prefix(toy, tmp_path, "othertok",
                         lambda d, m: m["tokenizer"].update(sha256="0" * 64))
     rc, err = run(other)
-    assert rc == 2 and "was tokenized with tokenizer 000000000000" in err
+    assert rc == 2 and "(sha256 000000000000" in err
     # a validation prefix too small for one sequence: the validation split would be empty
     from megatron_cpt.training.data import write_prefix
 

@@ -95,7 +95,7 @@ class ModelConfig:
     def load(cls, name_or_path: str | Path) -> "ModelConfig":
         """Load ``configs/models/<name>.yaml`` or a YAML path."""
         path = Path(name_or_path)
-        if not path.suffix:
+        if path.suffix not in (".yaml", ".yml"):  # a name like "qwen2.5-7b", not a file
             path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))

@@ -22,6 +22,7 @@ from megatron_cpt.errors import UsageError
 @dataclass
 class ModelSection:
     pretrained: str = ""          # converted checkpoint folder (store format) loaded on the first launch
+    attention_backend: str | None = None  # te | sdpa | local (None: te with Transformer Engine, else sdpa)
 
 
 @dataclass

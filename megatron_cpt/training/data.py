@@ -33,44 +33,27 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def tokenizer_sha256(tokenizer_dir: Path) -> str:
-    """The tokenizer's identity: sha256 of its ``tokenizer.json`` bytes."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UsageError(f"{path} not found; the checkpoint's tokenizer folder is incomplete")
-    return sha256_file(path)
+    """The tokenizer's identity, computed as ``megatron-cpt prep tokenize`` records it."""
+    from data_prep.tokenizer import TextTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise UsageError(f"{tokenizer_dir} not found; the checkpoint's tokenizer folder is missing")
+    return TextTokenizer(str(tokenizer_dir)).sha256
 
 
 def read_manifest(prefix: str | Path) -> dict:
-    path = Path(f"{prefix}.manifest.json")
-    if not path.is_file():
-        raise UsageError(f"data prefix {prefix}: {path.name} not found; prepare it with "
-                         "`megatron-cpt prep tokenize`")
-    return json.loads(path.read_text())
+    from data_prep.manifest import load_manifest
+
+    return load_manifest(str(prefix))
 
 
-def check_prefix(prefix: str | Path, tokenizer_sha256: str, check_hashes: bool = True) -> dict:
+def check_prefix(prefix: str | Path, tokenizer_dir: Path, check_hashes: bool = True) -> dict:
     """Refuse a prefix that is missing, whose manifest does not match its files, or that was
-    tokenized with another tokenizer than the model's. Returns the manifest."""
-    prefix = str(prefix)
-    for ext in (".bin", ".idx"):
-        if not Path(prefix + ext).is_file():
-            raise UsageError(f"data prefix {prefix}: {Path(prefix + ext).name} not found")
-    man = read_manifest(prefix)
-    size = Path(prefix + ".bin").stat().st_size
-    if man.get("bytes") != size:
-        raise UsageError(f"data prefix {prefix}: .bin has {size} bytes but the manifest says "
-                         f"{man.get('bytes')}; re-run tokenization")
-    if check_hashes:
-        for ext, key in ((".bin", "bin_sha256"), (".idx", "idx_sha256")):
-            if sha256_file(Path(prefix + ext)) != man.get(key):
-                raise UsageError(f"data prefix {prefix}: {ext} sha256 differs from the manifest; "
-                                 "the files changed after tokenization")
-    tok = (man.get("tokenizer") or {}).get("sha256")
-    if tok != tokenizer_sha256:
-        raise UsageError(f"data prefix {prefix} was tokenized with tokenizer {str(tok)[:12]}, the "
-                         f"model's tokenizer is {tokenizer_sha256[:12]}; re-tokenize it with the "
-                         "checkpoint's tokenizer")
-    return man
+    tokenized with another tokenizer (or EOD) than the model's. Returns the manifest.
+    The data-prep package owns the manifest format; this is its check."""
+    from data_prep.manifest import verify_prefix
+
+    return verify_prefix(str(prefix), check_hashes=check_hashes, tokenizer=str(tokenizer_dir))
 
 
 @dataclass(frozen=True)
@@ -158,25 +141,36 @@ def iterate_micro_batches(dataset, iteration: int, global_batch: int, dp_rank: i
 
 def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: Path,
                  eod_id: int, vocab_size: int) -> dict:
-    """Write ``prefix.bin/.idx`` + manifest from token lists (tests and the demo; the
-    data_prep package writes the same format at scale)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """Write ``prefix.bin/.idx`` + a data-prep manifest from token lists (tests and the toy
+    setup; ``megatron-cpt prep tokenize`` writes the same format from text at scale)."""
+    import time
+
     import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from data_prep.indexed import sha256_file as file_sha256
+    from data_prep.manifest import write_manifest
+    from data_prep.tokenizer import TextTokenizer, token_dtype
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.int32 if vocab_size >= 65500 else np.uint16
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    tok = TextTokenizer(str(tokenizer_dir))
+    if tok.eod_id != eod_id:
+        raise ValueError(f"eod_id {eod_id} differs from the tokenizer's {tok.eod_id}")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype(vocab_size))
     tokens = 0
     for doc in documents:
         builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
         tokens += len(doc)
     builder.finalize(prefix + ".idx")
-    man = {"documents": len(documents), "tokens": tokens,
-           "bytes": Path(prefix + ".bin").stat().st_size,
-           "tokenizer": {"name": Path(tokenizer_dir).name, "vocab_size": vocab_size,
-                         "eod_id": eod_id, "sha256": tokenizer_sha256(tokenizer_dir)},
-           "bin_sha256": sha256_file(Path(prefix + ".bin")),
-           "idx_sha256": sha256_file(Path(prefix + ".idx"))}
-    Path(prefix + ".manifest.json").write_text(json.dumps(man, indent=2))
+    info = tok.info()
+    man = {"format_version": 1, "kind": "tokens", "documents": len(documents), "tokens": tokens,
+           "bytes": 0, "documents_in": len(documents), "dropped": {}, "dropped_examples": {},
+           "tokenizer": info,  # vocab_size / dtype: the tokenizer's; the .bin uses vocab_size's
+           "bin_sha256": file_sha256(prefix + ".bin"), "idx_sha256": file_sha256(prefix + ".idx"),
+           "bin_bytes": Path(prefix + ".bin").stat().st_size,
+           "idx_bytes": Path(prefix + ".idx").stat().st_size,
+           "inputs": [], "config": {"writer": "megatron_cpt.training.data.write_prefix"},
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0}
+    write_manifest(prefix, man)
     return man

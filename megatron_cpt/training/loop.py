@@ -62,6 +62,7 @@ def _build(plan: Plan, device):
     opts = BuildOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         use_te=None if device.type == "cuda" else False,
                         sequence_parallel=cfg.parallel.sequence_parallel,
+                        attention_backend=cfg.model.attention_backend,
                         # init_weights must stay True even though the checkpoint overwrites every
                         # weight: Megatron-core (0.16.1, tensor_parallel/layers.py) only marks
                         # weights as tensor-parallel inside its init functions; without the marks

@@ -81,6 +81,9 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
     import torch
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(cfg, cuda)
+    from megatron_cpt.models.qwen2 import BuildOptions, resolve_attention_backend
+
+    resolve_attention_backend(BuildOptions(attention_backend=cfg.model.attention_backend))
     if cfg.precision.fp8 and not transformer_engine_available():
         raise UsageError(f"precision.fp8={cfg.precision.fp8} needs Transformer Engine, which does "
                          "not import here; install the `gpu` extra or set precision.fp8=null")
@@ -108,9 +111,9 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
     manifests = []
     if check_data:
         for pre in cfg.data.train:
-            manifests.append(check_prefix(pre.prefix, tok_sha, cfg.data.check_hashes))
+            manifests.append(check_prefix(pre.prefix, tok_dir, cfg.data.check_hashes))
         for pre in cfg.data.valid:
-            man = check_prefix(pre.prefix, tok_sha, cfg.data.check_hashes)
+            man = check_prefix(pre.prefix, tok_dir, cfg.data.check_hashes)
             name = pre.name or Path(pre.prefix).name
             if man.get("documents", 0) < 1 or man.get("tokens", 0) < seq + 1:
                 raise UsageError(f"validation prefix {name!r} holds {man.get('tokens', 0)} tokens in "
