@@ -87,3 +87,11 @@ def tiny_ckpt(tmp_path_factory, tiny_hf) -> dict[str, Path]:
         run_cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(root / name))
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """Tokenizer, converted tiny-a checkpoint and tokenized train/valid prefixes."""
+    from megatron_cpt.training.toy import make_toy
+
+    return make_toy(tmp_path_factory.getbasetemp() / "toy")

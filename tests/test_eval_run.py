@@ -9,10 +9,9 @@ import sys
 from conftest import REPO, run_cli
 
 
-def test_eval_run_scores_every_checkpoint_once(tmp_path_factory):
-    from megatron_cpt.training.toy import make_toy, toy_overrides
+def test_eval_run_scores_every_checkpoint_once(tmp_path_factory, toy):
+    from megatron_cpt.training.toy import toy_overrides
 
-    toy = make_toy(tmp_path_factory.getbasetemp() / "toy")
     run = tmp_path_factory.mktemp("evalrun") / "run"
     train = [sys.executable, "-m", "megatron_cpt", "train", "--config",
              str(REPO / "configs/train/tiny-cpu.yaml"), *toy_overrides(toy, run),

@@ -23,13 +23,6 @@ BIN = Path(sys.executable).parent
 TOL = 1e-4  # fp32, different reduction orders
 
 
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    from megatron_cpt.training.toy import make_toy
-
-    return make_toy(tmp_path_factory.getbasetemp() / "toy")
-
-
 def _cmd(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megatron_cpt", "train"]

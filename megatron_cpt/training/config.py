@@ -29,8 +29,18 @@ class ModelSection:
 class ParallelSection:
     tp: int = 1
     pp: int = 1
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False   # with TP > 1: shard norms/dropout activations over TP
     distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False  # overlap DP grad reduce-scatter with the backward pass
+    overlap_param_gather: bool = False  # overlap the distributed optimizer's param all-gather
+                                        # with the next forward (needs distributed_optimizer)
+
+
+@dataclass
+class MemorySection:
+    recompute: str | None = None      # null | selective (core attention) | full (whole layers)
+    recompute_method: str = "uniform"  # full only: uniform | block
+    recompute_num_layers: int = 1     # full only: layers per recompute chunk (uniform) or count (block)
 
 
 @dataclass
@@ -126,6 +136,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
+    memory: MemorySection = field(default_factory=MemorySection)
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -212,6 +223,14 @@ class TrainConfig:
         if self.precision.fp8_recipe not in ("tensorwise", "delayed", "mxfp8", "blockwise"):
             raise UsageError(f"precision.fp8_recipe {self.precision.fp8_recipe!r} unknown; "
                              "choose tensorwise, delayed, mxfp8 or blockwise")
+        if self.memory.recompute not in (None, "selective", "full"):
+            raise UsageError(f"memory.recompute {self.memory.recompute!r} unknown; "
+                             "choose null, selective or full")
+        if self.memory.recompute_method not in ("uniform", "block"):
+            raise UsageError(f"memory.recompute_method {self.memory.recompute_method!r} unknown; "
+                             "choose uniform or block")
+        if self.parallel.overlap_param_gather and not self.parallel.distributed_optimizer:
+            raise UsageError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
         if self.checkpoint.keep_last < 1:

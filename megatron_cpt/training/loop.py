@@ -50,15 +50,27 @@ def _write_run_files(plan: Plan) -> None:
     os.replace(tmp, run / RUN_JSON)
 
 
-def _build(plan: Plan, device):
+def _memory_extra(cfg: TrainConfig) -> dict:
+    """TransformerConfig fields for activation recomputation (``memory`` section)."""
+    m = cfg.memory
+    if m.recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if m.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": m.recompute_method,
+                "recompute_num_layers": m.recompute_num_layers}
+    return {}
+
+
+def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterations: int,
+                         device, load_weights=None):
+    """GPTModel (+ optional weight loading) wrapped in Megatron DDP, the Megatron optimizer and
+    the LR schedule, as configured. Shared by the loop and benchmarks/throughput.py."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron_cpt.checkpoint import store
+
     from megatron_cpt.models.qwen2 import BuildOptions, build_gpt_model
 
-    cfg = plan.cfg
-    dtype = DTYPES[plan.dtype]
     opts = BuildOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
                         use_te=None if device.type == "cuda" else False,
                         sequence_parallel=cfg.parallel.sequence_parallel,
@@ -68,24 +80,40 @@ def _build(plan: Plan, device):
                         # weights as tensor-parallel inside its init functions; without the marks
                         # the grad norm (and clipping) ignores TP rank > 0 shards.
                         init_weights=True,
-                        extra=_fp8_extra(cfg, plan.model.num_layers))
-    gpt = build_gpt_model(plan.model, opts)
-    resume = checkpointing.latest_checkpoint(Path(cfg.run_dir))
-    if resume is None:  # first launch: the converted pretrained weights, iteration 0
-        store.load_model_weights(gpt, Path(cfg.model.pretrained))
+                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg)})
+    gpt = build_gpt_model(model_cfg, opts)
+    if load_weights is not None:
+        load_weights(gpt)
+    par = cfg.parallel
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather and par.distributed_optimizer,
+        use_distributed_optimizer=par.distributed_optimizer)
     model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_cfg, module=gpt)
     o = cfg.optimizer
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer), [model])
-    scheduler = make_scheduler(optimizer, cfg, plan.budget.iterations)
+        use_distributed_optimizer=par.distributed_optimizer), [model])
+    scheduler = make_scheduler(optimizer, cfg, iterations)
     gpt.config.finalize_model_grads_func = finalize_model_grads
     gpt.config.no_sync_func = model.no_sync
+    if par.overlap_param_gather and par.distributed_optimizer:
+        gpt.config.param_sync_func = model.start_param_sync
+    return gpt, model, optimizer, scheduler
+
+
+def _build(plan: Plan, device):
+    from megatron_cpt.checkpoint import store
+
+    cfg = plan.cfg
+    resume = checkpointing.latest_checkpoint(Path(cfg.run_dir))
+    load = None
+    if resume is None:  # first launch: the converted pretrained weights, iteration 0
+        load = lambda gpt: store.load_model_weights(gpt, Path(cfg.model.pretrained))  # noqa: E731
+    gpt, model, optimizer, scheduler = build_training_state(
+        cfg, plan.model, DTYPES[plan.dtype], plan.budget.iterations, device, load)
     return gpt, model, optimizer, scheduler, resume
 
 

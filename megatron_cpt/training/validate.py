@@ -84,6 +84,10 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
     from megatron_cpt.models.qwen2 import BuildOptions, resolve_attention_backend
 
     resolve_attention_backend(BuildOptions(attention_backend=cfg.model.attention_backend))
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1 and not transformer_engine_available():
+        raise UsageError("parallel.sequence_parallel needs Transformer Engine (Megatron-core's "
+                         "local RMSNorm does not support it); install the `gpu` extra or set "
+                         "parallel.sequence_parallel=false")
     if cfg.precision.fp8 and not transformer_engine_available():
         raise UsageError(f"precision.fp8={cfg.precision.fp8} needs Transformer Engine, which does "
                          "not import here; install the `gpu` extra or set precision.fp8=null")
