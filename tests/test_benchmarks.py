@@ -1,0 +1,34 @@
+"""The throughput benchmark runs on the tiny shape on CPU and writes its JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+def test_throughput_script_on_cpu(tmp_path, backend):
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/throughput.py"), "--model", "tiny-a",
+           "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
+           "--steps", "2", "--warmup", "1", "--attention-backend", backend,
+           "--recompute", "selective", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["attention_backend"] == {"sdpa": "SDPAttention", "local": "DotProductAttention"}[backend]
+    assert r["global_batch_size"] == 4 and r["tokens_per_s_per_gpu"] > 0
+    # model TFLOP/s are tokens/s x the budget module's FLOPs per token
+    from megatron_cpt.models.qwen2 import ModelConfig
+    from megatron_cpt.training.budget import flops_per_token
+
+    fpt = flops_per_token(ModelConfig.load("tiny-a"), 128)
+    assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * fpt / 1e12)
+    assert r["mfu"] is None and r["peak_rss_gib"] > 0  # no peak on CPU
+    assert r["markdown_row"].startswith("| tiny-a | 128 | 1/1/1 | 2x2 | float32 |")
