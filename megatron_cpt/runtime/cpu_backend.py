@@ -20,7 +20,10 @@ Each redirect names the Megatron-core 0.16.1 call sites it serves:
 4. Factory calls with an explicit ``device='cuda'`` are rewritten to the CPU
    - optimizer/optimizer.py (``found_inf``, ``_scale_one``), optimizer/grad_scaler.py,
      optimizer/clip_grads.py (``total_norm_cuda``, ``dummy_overflow_buf``),
-     transformer/utils.py (causal masks); done by a ``TorchFunctionMode``.
+     transformer/utils.py (causal masks); done by a ``TorchFunctionMode``. Function modes
+     are thread-local and autograd replays activation recomputation on its own thread, so
+     ``get_default_causal_mask`` (fusions/fused_softmax.py, reached again while recomputing
+     core attention) is also replaced by name.
 5. ``Tensor.type()`` reports CUDA type names for CPU tensors
    - optimizer/clip_grads.py (``assert param.grad.type() == 'torch.cuda.FloatTensor'``),
      optimizer/optimizer.py and distrib_optimizer.py (main-param dtype dispatch).
@@ -28,6 +31,7 @@ Each redirect names the Megatron-core 0.16.1 call sites it serves:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
@@ -103,6 +107,13 @@ def activate() -> None:
     # 5. CUDA type names
     _patch(torch.Tensor, "type", _cpu_type)
     # 4. device='cuda' factories
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as mcore_utils
+
+    cpu_mask = functools.lru_cache(maxsize=16)(
+        lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool())
+    _patch(mcore_utils, "get_default_causal_mask", cpu_mask)
+    _patch(fused_softmax, "get_default_causal_mask", cpu_mask)
     _MODE = _CudaDeviceToCpu()
     _MODE.__enter__()
 
