@@ -141,7 +141,7 @@ def plan_local_parallelism(executor: ExecutorConfig) -> tuple[int, int | None]:
     """(processes, tokenizer threads per process) for ``workers`` cores.
 
     The tokenizer encodes a batch on several Rust threads, so one process with 2-4 threads
-    keeps up with the encoder better than 2-4 processes (measured: docs/benchmarks_data_prep.md);
+    keeps up with the encoder better than 2-4 processes (measured: docs/benchmarks.md);
     beyond 4 threads the Python side (JSON parsing, writing) of a single process would become
     the bottleneck, so more processes are used. SLURM: one process per task, ``cpus_per_task``
     threads.
