@@ -139,7 +139,9 @@ def mcore_to_hf(ckpt: Path, out: Path, force: bool = False, dtype: str | None = 
         writer = hf_files.ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for m in tqdm(mapping.expand(model_cfg), desc="mcore -> hf", unit="tensor", leave=False):
             for hf_name, t in zip(m.hf, mapping.to_hf(m.transform, params[m.mcore].data, model_cfg)):
-                writer.add(hf_name, t)
+                # Megatron keeps some tensors (the local spec's norms) in fp32 whatever
+                # params_dtype is; HF files hold one dtype
+                writer.add(hf_name, t.to(store.DTYPES[dtype_name]))
         files = writer.close()
         (tmp / "config.json").write_text(json.dumps(model_cfg.to_hf_config(dtype_name), indent=2))
         hf_files.copy_tokenizer(Path(ckpt) / store.TOKENIZER, tmp)
