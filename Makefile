@@ -1,4 +1,5 @@
-# Every target creates .venv (Python 3.11) on first use; nothing else needs installing.
+# Every target creates .venv (Python 3.11) on first use; `make test` also creates .venv-nemo
+# (NeMo 2.7.3, for the NeMo export check); nothing else needs installing.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -32,6 +32,12 @@ def nemo_python() -> Path:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def nemo_py() -> Path:
+    """Requested before the (slow) checkpoint fixtures so a missing environment fails first."""
+    return nemo_python()
+
+
 def run_nemo(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -51,26 +57,28 @@ def dist_ckpt_keys(weights: Path) -> dict[str, tuple]:
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
 
 
-def logits(hf_dir: Path, ids):
+def logits(hf_dir: Path, ids, dtype):
+    """fp32 logits of an HF folder loaded in ``dtype`` (then computed in float32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        return model(ids).logits, model.state_dict()
+        return model.float()(ids).logits, state
 
 
-@pytest.mark.parametrize("variant", ["tied_kv1", "untied_kv2"])
-def test_nemo_export_round_trips_through_nemo(variant, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("variant,dtype", [("tied_kv1", "float32"), ("untied_kv2", "float32"),
+                                           ("untied_kv2", "bfloat16")])
+def test_nemo_export_round_trips_through_nemo(nemo_py, variant, dtype, tiny_ckpt, tmp_path):
     import torch
     import yaml
 
-    py = nemo_python()  # fail/skip before any work
     ckpt = tiny_ckpt[variant]
     cfg = yaml.safe_load((ckpt / "model.yaml").read_text())
     nemo_dir, nemo_hf, our_hf = tmp_path / "nemo", tmp_path / "nemo_hf", tmp_path / "our_hf"
-    run_cli("convert", "mcore-to-nemo", "--ckpt", str(ckpt), "--out", str(nemo_dir))
-    run_cli("convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(our_hf))
+    run_cli("convert", "mcore-to-nemo", "--ckpt", str(ckpt), "--out", str(nemo_dir), "--dtype", dtype)
+    run_cli("convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(our_hf), "--dtype", dtype)
 
     # layout and key names, as NeMo's own importer writes them
     for rel in ("context/io.json", "context/model.yaml", "context/nemo_tokenizer/tokenizer.json",
@@ -89,7 +97,8 @@ def test_nemo_export_round_trips_through_nemo(variant, tiny_ckpt, tmp_path):
     t0 = time.perf_counter()
     run_nemo(str(EXPORT_SCRIPT), "--nemo", str(nemo_dir), "--out", str(nemo_hf),
              "--report", str(report_path), cwd=tmp_path)
-    print(f"\n[{variant}] NeMo load_context + export_ckpt: {time.perf_counter() - t0:.1f} s ({py})")
+    print(f"\n[{variant} {dtype}] NeMo load_context + export_ckpt: {time.perf_counter() - t0:.1f} s "
+          f"({nemo_py})")
     report = json.loads(report_path.read_text())
     assert report["nemo_version"] == "2.7.3"
     assert (report["model_class"], report["config_class"]) == ("Qwen2Model", "Qwen2Config")
@@ -100,14 +109,19 @@ def test_nemo_export_round_trips_through_nemo(variant, tiny_ckpt, tmp_path):
         cfg["max_position_embeddings"])
     assert c["rotary_base"] == cfg["rotary_base"] and c["layernorm_epsilon"] == cfg["norm_eps"]
     assert c["normalization"] == "RMSNorm" and c["add_qkv_bias"] and not c["add_bias_linear"]
-    assert report["params_dtype"] == "torch.float32" and report["activation_func"] == "silu"
+    assert report["params_dtype"] == f"torch.{dtype}" and report["activation_func"] == "silu"
+    assert c["bf16"] == (dtype == "bfloat16")
 
-    # logits of NeMo's HF export vs ours (fp32); the weights are bit-exact
+    # logits (computed in fp32) of NeMo's HF export vs ours; the weights are bit-exact. In
+    # bfloat16 our HF export keeps the local spec's float32 norms: compare it loaded in bfloat16.
+    torch_dtype = getattr(torch, dtype)
+    hf_conf = json.loads((nemo_hf / "config.json").read_text())
+    assert (hf_conf.get("dtype") or hf_conf.get("torch_dtype")) == dtype
     ids = torch.randint(0, v, (2, 48), generator=torch.Generator().manual_seed(0))
-    ours, our_sd = logits(our_hf, ids)
-    theirs, their_sd = logits(nemo_hf, ids)
+    ours, our_sd = logits(our_hf, ids, torch_dtype)
+    theirs, their_sd = logits(nemo_hf, ids, torch_dtype)
     diff = (ours - theirs).abs().max().item()
-    print(f"[{variant}] max |logit diff| NeMo-exported HF vs our HF export: {diff:.3g}")
+    print(f"[{variant} {dtype}] max |logit diff| NeMo-exported HF vs our HF export: {diff:.3g}")
     assert diff <= TOLERANCE
     for name, t in our_sd.items():
         assert torch.equal(t, their_sd[name]), name
@@ -150,6 +164,11 @@ def test_nemo_io_json_is_a_complete_fiddle_graph(tiny_ckpt, tmp_path):
     assert tok_conf.get("tokenizer_class") != "TokenizersBackend"  # unknown to transformers 4.x
     keys = dist_ckpt_keys(out / "weights")
     assert keys["module.embedding.word_embeddings.weight"] == (1000, 64)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(out / "weights")).read_metadata().state_dict_metadata
+    dtypes = {str(m.properties.dtype) for k, m in md.items() if hasattr(m, "size")}
+    assert dtypes == {"torch.bfloat16"}  # norms too: NeMo declares one params_dtype
 
 
 def test_nemo_export_refuses_existing_output(tiny_ckpt, tmp_path):

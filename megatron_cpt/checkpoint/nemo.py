@@ -220,13 +220,19 @@ def model_yaml(cfg: ModelConfig, dtype: str) -> dict:
 
 # -- writing ------------------------------------------------------------------------------------
 
-def _nemo_sharded_state_dict(gpt, cfg: ModelConfig) -> dict:
+def _nemo_sharded_state_dict(gpt, cfg: ModelConfig, dtype) -> dict:
     """The model's sharded state dict under NeMo's keys (``module.`` prefix), with the
-    embedding and output layer cut to ``cfg.vocab_size`` rows and a tied output layer
-    materialized as a copy of the embedding."""
+    embedding and output layer cut to ``cfg.vocab_size`` rows, a tied output layer
+    materialized as a copy of the embedding, and every tensor in ``dtype`` (the local spec
+    keeps its norms in float32; NeMo's config declares one params_dtype, as with TE)."""
+    import dataclasses
+
     from megatron.core.dist_checkpointing import ShardedTensor
 
     sd = gpt.sharded_state_dict(prefix=PREFIX)
+    for k, v in sd.items():
+        if isinstance(v, ShardedTensor) and v.data.is_floating_point() and v.data.dtype != dtype:
+            sd[k] = dataclasses.replace(v, data=v.data.detach().to(dtype), dtype=dtype)
     emb_key, out_key = PREFIX + "embedding.word_embeddings.weight", PREFIX + "output_layer.weight"
     by_key = {getattr(v, "key", None): k for k, v in sd.items()}
     if emb_key not in by_key:
@@ -292,7 +298,7 @@ def mcore_to_nemo(ckpt: Path, out: Path, force: bool = False, dtype: str | None 
                                                            sort_keys=True))
         weights = tmp / NEMO_WEIGHTS
         weights.mkdir()
-        sd = _nemo_sharded_state_dict(gpt, cfg)
+        sd = _nemo_sharded_state_dict(gpt, cfg, store.DTYPES[dtype_name])
         dist_checkpointing.save(sd, str(weights), content_metadata=dict(CONTENT_METADATA))
     return {"seconds": time.perf_counter() - t0, "out": str(out), "dtype": dtype_name,
             "tensors": sum(1 for k in sd if not k.endswith("_extra_state"))}

@@ -61,3 +61,22 @@ def apply() -> None:
         return apply_transforms(source, target, mapping, *args, **kwargs)
 
     nemo_io.apply_transforms = local_norm_names
+    # 7. Without TE, the local spec's norms (torch RMSNorm) are created in float32 whatever
+    #    params_dtype is, and nothing casts them on CPU (on GPU, TE creates them in params_dtype);
+    #    NeMo's HF exporter then refuses the float32 norms of a bfloat16 model. Cast the loaded
+    #    model to its declared params_dtype (the checkpoint stores every tensor in that dtype,
+    #    so this is exact).
+    from nemo.lightning.io.connector import ModelConnector
+
+    nemo_load = ModelConnector.nemo_load
+
+    @functools.wraps(nemo_load)
+    def nemo_load_in_params_dtype(self, *args, **kwargs):
+        model, trainer = nemo_load(self, *args, **kwargs)
+        dtype = model.config.params_dtype
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        return model, trainer
+
+    ModelConnector.nemo_load = nemo_load_in_params_dtype
