@@ -1,11 +1,23 @@
 """Small patches that let NeMo 2.7.3 import/export checkpoints on a CPU-only machine without
-Transformer Engine. Imported by the scripts in this folder (run inside .venv-nemo only)."""
+Transformer Engine. Imported by the scripts in this folder (run inside .venv-nemo only).
+
+Patches 1-5 redirect CUDA-only calls and apply only without CUDA; patches 6-7 apply only
+without Transformer Engine. None of them touches NeMo's conversion logic.
+"""
 import functools
+import importlib.util
 
 import torch
 
 
 def apply() -> None:
+    if not torch.cuda.is_available():
+        _cpu_patches()
+    if importlib.util.find_spec("transformer_engine") is None:
+        _local_spec_patches()
+
+
+def _cpu_patches() -> None:
     from nemo.lightning.pytorch.strategies import megatron_strategy
 
     # 1. NeMo saves dist checkpoints asynchronously by default; the async writer calls
@@ -35,6 +47,9 @@ def apply() -> None:
     from nemo.lightning.io import pl as nemo_pl
 
     nemo_pl._fix_tensors_device = lambda ckpt: ckpt
+
+
+def _local_spec_patches() -> None:
     # 6. Without Transformer Engine NeMo builds the local layer spec, whose modules name the
     #    norms `input_layernorm` / `pre_mlp_layernorm`; NeMo's Qwen2 state mappings use the TE
     #    names (fused into linear_qkv / linear_fc1) and would fail or silently skip the norms.
