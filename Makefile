@@ -1,12 +1,27 @@
-# Every target creates .venv (Python 3.11) on first use; nothing else needs installing.
+# Every target creates .venv (Python 3.11) on first use; `make test` also creates .venv-nemo
+# (NeMo 2.7.3, for the NeMo export check); nothing else needs installing.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo clean
+# A separate environment with NeMo 2.7.3 (which conflicts with the main stack) used only by
+# tests/test_nemo_export.py to verify `convert mcore-to-nemo` with NeMo itself (docs/nemo.md).
+NEMO_VENV  := .venv-nemo
+NEMO_STAMP := $(NEMO_VENV)/.setup-stamp
+
+.PHONY: setup setup-nemo test demo clean
 
 setup: $(STAMP)
+
+setup-nemo: $(NEMO_STAMP)
+
+$(NEMO_STAMP): tests/nemo/requirements.txt
+	test -x $(NEMO_VENV)/bin/python || $(PYTHON) -m venv $(NEMO_VENV)
+	$(NEMO_VENV)/bin/pip install -q --upgrade pip
+	$(NEMO_VENV)/bin/pip install -q torch==2.13.0
+	$(NEMO_VENV)/bin/pip install -q -r tests/nemo/requirements.txt
+	touch $(NEMO_STAMP)
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +30,11 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
 	touch $(STAMP)
 
-test: setup
+test: setup setup-nemo
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
 	$(BIN)/megatron-cpt demo --out demo_out
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(NEMO_VENV) demo_out

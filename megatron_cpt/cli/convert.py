@@ -31,6 +31,19 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_mcore_to_hf)
 
+    p = conv.add_parser("mcore-to-nemo", help="Megatron checkpoint -> NeMo 2 checkpoint",
+                        description="Export a converted or trained checkpoint as a NeMo 2 checkpoint "
+                        "folder (context/ with io.json, model.yaml, nemo_tokenizer/; weights/ as a "
+                        "Megatron dist checkpoint under NeMo's key names) that NeMo 2.7.3 loads with "
+                        "nemo.lightning.io.load_context and exports with llm.export_ckpt. NeMo itself "
+                        "is not needed. See docs/nemo.md.")
+    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder (has metadata.json)")
+    p.add_argument("--out", type=Path, required=True, help="NeMo checkpoint folder to create")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype and NeMo params_dtype (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_mcore_to_nemo)
+
     p = conv.add_parser("verify", help="compare logits of HF and Megatron at a TP/PP",
                         description="Feed one fixed token batch to transformers and to the Megatron "
                         "model at --tp/--pp; print the max logit difference and both losses; exit 1 "
@@ -63,6 +76,15 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     info = mcore_to_hf(args.ckpt, args.out, force=args.force, dtype=args.dtype,
                        max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {info['out']}: {', '.join(info['files'])} in {info['seconds']:.1f} s")
+    return 0
+
+
+def _mcore_to_nemo(args: argparse.Namespace) -> int:
+    from megatron_cpt.checkpoint.nemo import mcore_to_nemo
+
+    info = mcore_to_nemo(args.ckpt, args.out, force=args.force, dtype=args.dtype)
+    print(f"wrote {info['out']}: NeMo 2 checkpoint, {info['tensors']} tensors ({info['dtype']}) "
+          f"in {info['seconds']:.1f} s")
     return 0
 
 
