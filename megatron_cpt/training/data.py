@@ -1,8 +1,8 @@
 """Training and validation data: Megatron-core ``GPTDataset`` blends over prepared prefixes.
 
 A prefix ``P`` is ``P.bin`` + ``P.idx`` (Megatron IndexedDataset) + ``P.manifest.json``
-({documents, tokens, bytes, tokenizer: {name, vocab_size, eod_id, sha256}, bin_sha256,
-idx_sha256}). The training blend is one ``BlendedDataset`` built by
+(written by ``megatron-cpt prep tokenize``; format and checks in ``data_prep/manifest.py``).
+The training blend is one ``BlendedDataset`` built by
 ``BlendedMegatronDatasetBuilder``; every validation prefix is its own dataset (one per domain
 plus a general one, never a ratio split of the training data).
 
@@ -13,7 +13,6 @@ Resuming at iteration ``i`` therefore continues with exactly the next sample.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,6 @@ from typing import Iterator
 import numpy as np
 
 from megatron_cpt.errors import UsageError
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_sha256(tokenizer_dir: Path) -> str:
@@ -148,7 +139,7 @@ def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: 
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from data_prep.indexed import sha256_file as file_sha256
+    from data_prep.indexed import sha256_file
     from data_prep.manifest import write_manifest
     from data_prep.tokenizer import TextTokenizer, token_dtype
 
@@ -167,7 +158,7 @@ def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: 
     man = {"format_version": 1, "kind": "tokens", "documents": len(documents), "tokens": tokens,
            "bytes": 0, "documents_in": len(documents), "dropped": {}, "dropped_examples": {},
            "tokenizer": info,  # vocab_size / dtype: the tokenizer's; the .bin uses vocab_size's
-           "bin_sha256": file_sha256(prefix + ".bin"), "idx_sha256": file_sha256(prefix + ".idx"),
+           "bin_sha256": sha256_file(prefix + ".bin"), "idx_sha256": sha256_file(prefix + ".idx"),
            "bin_bytes": Path(prefix + ".bin").stat().st_size,
            "idx_bytes": Path(prefix + ".idx").stat().st_size,
            "inputs": [], "config": {"writer": "megatron_cpt.training.data.write_prefix"},
