@@ -22,7 +22,6 @@ tokenization path never uses it) and needs `six` importable (pass --mlm-pythonpa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from data_prep.indexed import sha256_file  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tur", "sa", "vel", "qui", "dor", "an", "est", "io", "pra", "zen",
              "bul", "the", "ma", "ri", "ton", "ex", "ul", "cor", "ni", "fa", "gre", "sto", "il", "um"]
@@ -113,14 +114,6 @@ for i in range(0, len(texts), 1000):
     n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 1000]))
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "tokens": n}))
 '''
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for b in iter(lambda: fh.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def timed(cmd, cwd=None, env=None) -> tuple[float, float]:
@@ -211,7 +204,7 @@ def main(argv=None) -> int:
         results["speedup_vs_megatron_lm"] = round(best["megatron-lm"] / best["megatron-cpt"], 3)
         results["cpu_efficiency_vs_megatron_lm"] = round(best_cpu["megatron-lm"] / best_cpu["megatron-cpt"], 3)
         a, b = os.path.join(args.workdir, "ours"), os.path.join(args.workdir, "mlm_text_document")
-        results["byte_identical"] = {ext: sha256(f"{a}.{ext}") == sha256(f"{b}.{ext}") for ext in ("bin", "idx")}
+        results["byte_identical"] = {ext: sha256_file(f"{a}.{ext}") == sha256_file(f"{b}.{ext}") for ext in ("bin", "idx")}
     results["fraction_of_encode_batch"] = round(best["encode_batch"] / best["megatron-cpt"], 3)
     results["fraction_of_encode_batch_cpu"] = round(best_cpu["encode_batch"] / best_cpu["megatron-cpt"], 3)
     print(json.dumps(results, indent=2))

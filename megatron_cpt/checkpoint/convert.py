@@ -128,9 +128,7 @@ def mcore_to_hf(ckpt: Path, out: Path, force: bool = False, dtype: str | None = 
     meta = store.read_metadata(ckpt)
     model_cfg = store.read_model_config(ckpt)
     store.check_output_dir(out, force)
-    dtype_name = dtype or meta.get("dtype", "float32")
-    if dtype_name not in store.DTYPES:
-        raise UsageError(f"unknown --dtype {dtype_name!r}; choose one of {sorted(store.DTYPES)}")
+    dtype_name = store.export_dtype(meta, dtype)
     t0 = time.perf_counter()
     gpt = _single_process_model(model_cfg, store.DTYPES[dtype_name])
     store.load_model_weights(gpt, ckpt)

@@ -279,9 +279,7 @@ def mcore_to_nemo(ckpt: Path, out: Path, force: bool = False, dtype: str | None 
     meta = store.read_metadata(ckpt)
     cfg = store.read_model_config(ckpt)
     store.check_output_dir(out, force)
-    dtype_name = dtype or meta.get("dtype", "float32")
-    if dtype_name not in store.DTYPES:
-        raise UsageError(f"unknown --dtype {dtype_name!r}; choose one of {sorted(store.DTYPES)}")
+    dtype_name = store.export_dtype(meta, dtype)
     tok_dir = Path(ckpt) / store.TOKENIZER
     if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
         raise UsageError(f"{ckpt} has no tokenizer/ folder; NeMo checkpoints carry their tokenizer")

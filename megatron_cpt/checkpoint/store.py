@@ -52,6 +52,14 @@ def read_model_config(ckpt: Path) -> ModelConfig:
     return ModelConfig.load(Path(ckpt) / MODEL_YAML)
 
 
+def export_dtype(meta: dict[str, Any], requested: str | None) -> str:
+    """The dtype an export writes: ``requested`` or the checkpoint's own."""
+    name = requested or meta.get("dtype", "float32")
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return name
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """Hash of a tensor's bytes (dtype-exact; bf16 viewed as int16)."""
     t = t.detach().contiguous().cpu()
