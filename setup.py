@@ -30,6 +30,7 @@ setup(
         "zstandard",
         "pyarrow",
         "sentencepiece",
+        "submitit>=1.5",  # the SLURM grid launcher (job arrays, requeue, torch.distributed env)
         "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={

@@ -17,6 +17,7 @@ STAGES = {
     "convert": ("megatron_cpt.cli.convert", "convert checkpoints (HF <-> Megatron) and verify conversions"),
     "train": ("megatron_cpt.cli.train", "continued pretraining under a compute budget (torchrun / srun)"),
     "plan": ("megatron_cpt.cli.plan", "print tokens, FLOPs, iterations, checkpoints and GPU-hours of a run or grid"),
+    "launch": ("megatron_cpt.cli.launch", "SLURM: render sbatch scripts, submit the size x domain grid (submitit), status"),
     "eval": ("eval.cli", "evaluate: lm-eval tasks for exams, score checkpoints in place"),
     "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
 }

@@ -1,0 +1,83 @@
+"""``megatron-cpt launch``: sbatch scripts, the submitit grid and its status."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_STUDY = Path("configs/study.yaml")
+
+
+def register(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=(
+        "Launch the size x domain study on SLURM. `render-sbatch` writes one sbatch script per "
+        "cell (committed under slurm/), `grid` submits every cell through submitit (one job "
+        "array per size, evaluation chained afterok, automatic requeue), `status` prints one "
+        "row per cell. Every input is checked before anything is submitted (exit 2)."))
+    lsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    r = lsub.add_parser("render-sbatch", help="write slurm/cpt_<size>_<corpus>.sh for every cell")
+    r.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study YAML (configs/study.yaml)")
+    r.add_argument("--out", type=Path, default=Path("slurm"), help="folder for the scripts")
+    r.set_defaults(func=_render)
+
+    g = lsub.add_parser("grid", help="submit the grid (submitit): arrays per size, eval afterok")
+    g.add_argument("--study", type=Path, default=DEFAULT_STUDY)
+    g.add_argument("--sizes", nargs="+", help="subset of the study's sizes (default: all)")
+    g.add_argument("--domains", nargs="+", help="subset of the corpora: general, <domain>, "
+                   "control_<domain> (default: all)")
+    g.add_argument("--executor", choices=["slurm", "local"], default="slurm",
+                   help="slurm (default) or local: run the cells one after another here")
+    g.add_argument("--no-eval", action="store_true", help="do not chain the evaluation jobs")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print cells, resources, tokens, FLOPs and GPU-hours; submit nothing")
+    g.add_argument("--mfu", type=float, default=0.40, help="--dry-run: assumed MFU")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="--dry-run: per-GPU peak")
+    g.set_defaults(func=_grid)
+
+    s = lsub.add_parser("status", help="one row per cell: state, progress, checkpoint, loss, requeues")
+    s.add_argument("--study", type=Path, default=DEFAULT_STUDY)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_status)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from megatron_cpt.launch.sbatch import render_all
+    from megatron_cpt.launch.study import StudyConfig
+
+    study = StudyConfig.load(args.study, use_env=False)
+    written = render_all(study, args.out)
+    print(f"wrote {len(written)} scripts to {args.out}/: " + " ".join(p.name for p in written))
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from megatron_cpt.launch.grid import plan, submit_grid
+    from megatron_cpt.launch.study import StudyConfig
+
+    study = StudyConfig.load(args.study)
+    cells = study.cells(args.sizes, args.domains)
+    if args.dry_run:
+        rows = plan(cells, args.mfu, args.peak_tflops)
+        print(f"{'cell':<24} {'model':<14} {'TPxPP':>6} {'nodes':>5} {'ranks':>5} {'time':>11} "
+              f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8}")
+        for r in rows:
+            print(f"{r['size'] + '/' + r['cell']:<24} {r['model']:<14} {r['tp']}x{r['pp']:<4} "
+                  f"{r['nodes']:>5} {r['tasks']:>5} {r['time']:>11} {r['tokens']:>10.3e} "
+                  f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f}")
+        print(f"total: {sum(r['gpu_hours'] for r in rows):.1f} GPU-hours at MFU {args.mfu:.2f}; "
+              f"runs under {study.study_dir}; nothing submitted (--dry-run)")
+        return 0
+    submit_grid(study, cells, kind=args.executor, evaluate=not args.no_eval)
+    print(f"study folder: {study.study_dir}  (megatron-cpt launch status --study {args.study})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from megatron_cpt.launch.status import format_rows, status_rows
+    from megatron_cpt.launch.study import StudyConfig
+
+    study = StudyConfig.load(args.study)
+    rows = status_rows(study, study.cells())
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0

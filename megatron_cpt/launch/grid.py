@@ -1,0 +1,234 @@
+"""Submit the study grid through submitit: one job array per model size (one resource
+spec each, one element per corpus), each cell's evaluation chained ``afterok`` on its
+training element.
+
+Requeue: the trainer owns the signals (SIGUSR1/USR2/TERM -> every rank saves one checkpoint
+together and exits 42). :class:`TrainCell` turns exit 42 into ``scontrol requeue`` of the same
+job id, so the run folder, the array element and the ``afterok`` dependency of its evaluation
+all stay valid; the requeued job runs the same pickled callable and resumes the latest
+checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own USR2 handler (a signal that
+arrives before or after the trainer's handlers are installed) by resubmitting the same cell.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_cpt.errors import UsageError
+from megatron_cpt.launch.study import Cell, StudyConfig, check_inputs, check_resources, \
+    write_study_json
+
+EXIT_REQUEUE = 42
+
+
+def _minutes(slurm_time: str) -> int:
+    from megatron_cpt.training.signals import _parse_slurm_duration
+
+    seconds = _parse_slurm_duration(slurm_time)
+    if seconds is None:
+        raise UsageError(f"cannot read time limit '{slurm_time}'; use [D-]HH:MM:SS")
+    return max(1, int(seconds // 60))
+
+
+@dataclass
+class TrainCell:
+    """Picklable job: train one cell with the study's base config plus its overrides."""
+
+    cell: str
+    train_config: str
+    overrides: list[str]
+    threads: int = 1
+    max_requeues: int = 20
+
+    def __call__(self) -> dict:
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
+        import submitit
+
+        # setup_device() picks cuda:LOCAL_RANK itself, so keep every GPU visible
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from megatron_cpt.training.config import TrainConfig
+        from megatron_cpt.training.loop import train
+
+        cfg = TrainConfig.load(self.train_config, self.overrides)
+        code = train(cfg)
+        job = submitit.JobEnvironment()
+        if code == EXIT_REQUEUE and job.cluster == "slurm":
+            if job.global_rank == 0:
+                restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+                if restarts >= self.max_requeues:
+                    raise RuntimeError(f"{self.cell}: stopped early again after {restarts} requeues")
+                print(f"{self.cell}: checkpoint saved, requeueing job {job.job_id}", flush=True)
+                subprocess.check_call(["scontrol", "requeue", job.job_id], timeout=60)
+            # SLURM now stops this job and starts it again; returning would record a result
+            time.sleep(3600)
+        if code not in (0, EXIT_REQUEUE):
+            raise RuntimeError(f"{self.cell}: trainer exited {code} (see {cfg.run_dir}/metrics.jsonl)")
+        return {"cell": self.cell, "exit_code": code, "run_dir": cfg.run_dir}
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+@dataclass
+class EvalCell:
+    """Picklable job: score the base model and every checkpoint of one run (`eval run`)."""
+
+    cell: str
+    run_dir: str
+    exams: list[str] = field(default_factory=list)
+    num_fewshot: int = 5
+    batch_size: int = 16
+    limit: int | None = None
+    valid_sequences: int = 16
+    threads: int = 1
+
+    def argv(self) -> list[str]:
+        argv = ["eval", "run", "--run-dir", self.run_dir, "--num-fewshot", str(self.num_fewshot),
+                "--batch-size", str(self.batch_size), "--valid-sequences", str(self.valid_sequences)]
+        if self.exams:
+            argv += ["--exams", *self.exams]
+        if self.limit:
+            argv += ["--limit", str(self.limit)]
+        return argv
+
+    def __call__(self) -> dict:
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
+        from megatron_cpt.cli import main
+
+        code = main(self.argv())
+        if code:
+            raise RuntimeError(f"{self.cell}: evaluation exited {code}")
+        return {"cell": self.cell, "exit_code": 0}
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)  # scored checkpoints are skipped
+
+
+def train_job(cell: Cell) -> TrainCell:
+    return TrainCell(cell.name, str(cell.study.train_config), cell.trainer_overrides(),
+                     threads=cell.study.resources.cpus_per_task,
+                     max_requeues=cell.study.resources.max_requeues)
+
+
+def eval_job(cell: Cell) -> EvalCell:
+    ev = cell.study.eval
+    return EvalCell(cell.name, str(cell.run_dir), list(ev.exams), ev.num_fewshot, ev.batch_size,
+                    ev.limit, ev.valid_sequences, threads=ev.cpus)
+
+
+def plan(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
+    """Cells with resources, tokens, FLOPs and GPU-hours (the --dry-run table)."""
+    from megatron_cpt.cli.plan import plan_row
+    from megatron_cpt.models.qwen2 import ModelConfig
+
+    rows = []
+    for cell in cells:
+        check_resources(cell)
+        cfg = cell.train_config()
+        row = plan_row(cfg, ModelConfig.load(cell.size.model), cell.gpus or cell.world_size,
+                       mfu, peak_tflops)
+        rows.append({**cell.describe(), "time": cell.size.time, **{
+            k: row[k] for k in ("params", "tokens", "flops", "iterations", "gpu_hours", "wall_hours")}})
+    return rows
+
+
+def _executor(study: StudyConfig, kind: str, folder: Path, name: str, *, nodes: int, tasks: int,
+              gpus: int, cpus: int, time_str: str, mem: str | None, signal_s: int,
+              dependency: str | None = None):
+    import submitit
+
+    res = study.resources
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind)
+    params = dict(name=name, nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus,
+                  timeout_min=_minutes(time_str), stderr_to_stdout=True)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if kind == "slurm":
+        extra = {"requeue": True, "open_mode": "append"}
+        if dependency:
+            extra["dependency"] = dependency
+        if mem is not None:
+            extra["mem"] = mem
+        params.update(slurm_signal_delay_s=signal_s, slurm_additional_parameters=extra)
+        # SBATCH_PARTITION / _ACCOUNT / _QOS in the environment are read by sbatch itself
+        for key, value in (("slurm_partition", res.partition), ("slurm_account", res.account),
+                           ("slurm_qos", res.qos)):
+            if value:
+                params[key] = value
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
+                evaluate: bool = True, log=print) -> dict:
+    """Check every cell, then submit. ``kind``: slurm (arrays + afterok, returns at once) or
+    local (cells one after another on this machine, requeued in place; returns when done)."""
+    for cell in cells:
+        check_resources(cell)
+        check_inputs(cell)
+    write_study_json(study, cells)
+    launches_path = study.study_dir / "launches.json"
+    launches = json.loads(launches_path.read_text()) if launches_path.is_file() else {}
+    evaluate = evaluate and study.eval.enabled
+    by_size: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_size.setdefault(cell.size.name, []).append(cell)
+    ev = study.eval
+    for size, group in by_size.items():
+        spec = group[0].size
+        folder = study.study_dir / "submitit" / size
+        train_ex = _executor(study, kind, folder, f"cpt_{size}", nodes=spec.nodes,
+                             tasks=group[0].tasks_per_node, gpus=study.resources.gpus_per_node,
+                             cpus=study.resources.cpus_per_task, time_str=spec.time,
+                             mem=study.resources.mem, signal_s=spec.signal_s)
+        if kind == "local":
+            for cell in group:
+                _run_local(study, cell, train_ex, folder, evaluate, launches, log)
+            continue
+        with train_ex.batch():
+            jobs = [train_ex.submit(train_job(cell)) for cell in group]
+        for cell, job in zip(group, jobs):
+            entry = {"train_job": job.job_id, "submitted": time.time(), "executor": kind}
+            if evaluate:
+                eval_ex = _executor(study, kind, folder, f"eval_{size}", nodes=1, tasks=1,
+                                    gpus=min(ev.gpus, study.resources.gpus_per_node),
+                                    cpus=ev.cpus, time_str=ev.time, mem=ev.mem or study.resources.mem,
+                                    signal_s=60, dependency=f"afterok:{job.job_id}")
+                entry["eval_job"] = eval_ex.submit(eval_job(cell)).job_id
+            launches[cell.name] = entry
+            log(f"{cell.name:<24} train job {entry['train_job']}"
+                + (f", eval job {entry['eval_job']} (afterok)" if evaluate else ""))
+    launches_path.write_text(json.dumps(launches, indent=2) + "\n")
+    return launches
+
+
+def _run_local(study, cell, train_ex, folder, evaluate, launches, log) -> None:
+    """Without SLURM: run the cell, requeue it in place while it exits 42, then evaluate."""
+    restarts = 0
+    while True:
+        job = train_ex.submit(train_job(cell))
+        log(f"{cell.name:<24} local job {job.job_id} (restart {restarts})")
+        result = job.result()
+        if result["exit_code"] == 0:
+            break
+        restarts += 1
+        if restarts > study.resources.max_requeues:
+            raise RuntimeError(f"{cell.name}: stopped early {restarts} times")
+    launches[cell.name] = {"train_job": job.job_id, "executor": "local", "restarts": restarts,
+                           "finished": time.time()}
+    if evaluate:
+        ev = study.eval
+        eval_ex = _executor(study, "local", folder, f"eval_{cell.size.name}", nodes=1, tasks=1,
+                            gpus=0, cpus=ev.cpus, time_str=ev.time, mem=None, signal_s=60)
+        job = eval_ex.submit(eval_job(cell))
+        job.result()
+        launches[cell.name]["eval_job"] = job.job_id
+        log(f"{cell.name:<24} evaluated (local job {job.job_id})")

@@ -1,0 +1,130 @@
+"""Render one self-contained sbatch script per study cell (``slurm/cpt_<size>_<corpus>.sh``).
+
+The scripts are committed so a user can read exactly what runs and submit one cell with
+plain ``sbatch``; ``tests/test_slurm.py`` fails when a committed script differs from its
+rendering, so configs/ stays the only source. Paths are written relative to the repository
+root (``$REPO``, the submission directory by default) and every root can be moved through an
+environment variable without editing the script.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_cpt.launch.study import REPO_ROOT, Cell, StudyConfig, check_resources
+
+
+def script_name(cell: Cell) -> str:
+    return f"cpt_{cell.size.name}_{cell.corpus}.sh"
+
+
+def _in_repo(path: Path) -> str:
+    """``$REPO/relative`` for paths inside the repository, else the absolute path."""
+    try:
+        return "$REPO/" + path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def render(cell: Cell) -> str:
+    check_resources(cell)
+    study, size, res = cell.study, cell.size, cell.study.resources
+    mp = size.tp * size.pp
+    dp = cell.world_size // mp
+    job = f"cpt_{size.name}_{cell.corpus}"
+    what = {"general": "the general corpus", "domain": f"the {cell.domain} corpus",
+            "control": f"a random general sample size-matched to {cell.domain} (control)"}[cell.kind]
+    directives = [f"--job-name={job}", f"--nodes={size.nodes}",
+                  f"--ntasks-per-node={cell.tasks_per_node}"]
+    if res.gpus_per_node:
+        directives += [f"--gpus-per-node={res.gpus_per_node}", "--exclusive"]
+    directives += [f"--cpus-per-task={res.cpus_per_task}"]
+    if res.mem is not None:
+        directives.append(f"--mem={res.mem}")
+    for flag, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos)):
+        if value:
+            directives.append(f"--{flag}={value}")
+    directives += [f"--time={size.time}", "--requeue", f"--signal=USR1@{size.signal_s}",
+                   "--open-mode=append", f"--output=slurm-{job}-%j.out"]
+    sbatch_lines = "\n".join(f"#SBATCH {d}" for d in directives)
+
+    overrides = cell.trainer_overrides(run_dir="$RUN_DIR", pretrained=f"$CKPT_ROOT/{size.model}",
+                                       data_root="$DATA_ROOT")
+    override_lines = " \\\n    ".join(f'"{o}"' for o in overrides)
+    layout = f"TP{size.tp} x PP{size.pp} x DP{dp} = {cell.world_size} ranks"
+    return f"""#!/bin/bash
+# Continued pretraining of {size.model} on {what}: cell {cell.name} of study '{study.name}'.
+# {layout} on {size.nodes} node(s){f" of {res.gpus_per_node} GPUs" if res.gpus_per_node else ""}.
+# Rendered from {_in_repo(study.path).replace("$REPO/", "")} by `megatron-cpt launch render-sbatch`;
+# edit the study config and re-render instead of editing this file.
+#
+# Submit from the repository root:   sbatch {"slurm/" + script_name(cell)}
+# Resumes by itself: the trainer saves and exits 42 on SIGUSR1 ({size.signal_s} s before the time
+# limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
+# the same job, which continues from the latest checkpoint in the same run folder.
+#
+# Overrides (environment variables at `sbatch` time; they are exported to the job):
+#   SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS   partition, account, QOS (read by sbatch itself)
+#   sbatch --nodes=N ...     more nodes = more data parallelism (global batch unchanged); keep N
+#                            for the whole run: a resumed run must keep its world size
+#   MCPT_STUDY_DIR           run folders (checkpoints, metrics)   default: {_rel_default(study.study_dir)}
+#   MCPT_DATA_ROOT           tokenized prefixes <corpus>_train / <domain>_valid   default: {_rel_default(study.data_root)}
+#   MCPT_CKPT_ROOT           converted base checkpoints <model>/  default: {_rel_default(study.checkpoint_root)}
+#   MCPT_CONTAINER_IMAGE     run inside this image (pyxis/enroot srun --container-image)
+#   MCPT_CONTAINER_MOUNTS    its --container-mounts (default: $REPO)
+#   MCPT_ENV                 a file sourced first (module loads, virtualenv activation)
+#   MCPT_PYTHON              the Python with megatron-cpt installed (default: python)
+#   MCPT_REPO                the repository root (default: the submission directory)
+{sbatch_lines}
+set -uo pipefail
+
+REPO="${{MCPT_REPO:-$SLURM_SUBMIT_DIR}}"
+if [ -n "${{MCPT_ENV:-}}" ]; then source "$MCPT_ENV"; fi
+PYTHON="${{MCPT_PYTHON:-python}}"
+STUDY_DIR="${{MCPT_STUDY_DIR:-{_in_repo(study.study_dir)}}}"
+DATA_ROOT="${{MCPT_DATA_ROOT:-{_in_repo(study.data_root)}}}"
+CKPT_ROOT="${{MCPT_CKPT_ROOT:-{_in_repo(study.checkpoint_root)}}}"
+RUN_DIR="$STUDY_DIR/runs/{size.name}/{cell.corpus}"
+MAX_REQUEUES={res.max_requeues}
+
+CONTAINER=()
+if [ -n "${{MCPT_CONTAINER_IMAGE:-}}" ]; then
+  CONTAINER=(--container-image="$MCPT_CONTAINER_IMAGE" --container-workdir="$REPO"
+             --container-mounts="${{MCPT_CONTAINER_MOUNTS:-$REPO}}")
+fi
+export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
+export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
+echo "[$(date -u +%FT%TZ)] {job}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST -> $RUN_DIR"
+
+srun --kill-on-bad-exit=1 ${{CONTAINER[@]+"${{CONTAINER[@]}}"}} \\
+  "$PYTHON" -m megatron_cpt train --config "{_in_repo(study.train_config)}" \\
+    {override_lines}
+rc=$?
+
+if [ "$rc" -eq 42 ]; then
+  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge "$MAX_REQUEUES" ]; then
+    echo "{job}: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
+    exit 1
+  fi
+  echo "[$(date -u +%FT%TZ)] {job}: checkpoint saved, requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
+"""
+
+
+def _rel_default(path: Path) -> str:
+    return _in_repo(path).replace("$REPO/", "")
+
+
+def render_all(study: StudyConfig, out_dir: Path) -> list[Path]:
+    """Write every cell's script into ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cell in study.cells():
+        path = out_dir / script_name(cell)
+        path.write_text(render(cell))
+        path.chmod(0o755)
+        written.append(path)
+    return written

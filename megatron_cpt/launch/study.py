@@ -1,0 +1,309 @@
+"""The study grid: sizes x corpora, resolved into cells with their run folder, data,
+checkpoint, resources and trainer overrides.
+
+One YAML (``configs/study.yaml``) is the single source for the committed sbatch scripts,
+the submitit grid, ``launch status`` and the report. Paths in it resolve against its folder;
+``MCPT_STUDY_DIR``, ``MCPT_DATA_ROOT`` and ``MCPT_CKPT_ROOT`` override the three roots (the
+same variables the sbatch scripts read), so a cluster can relocate everything without edits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_cpt.errors import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV_ROOTS = {"study_dir": "MCPT_STUDY_DIR", "data_root": "MCPT_DATA_ROOT",
+             "checkpoint_root": "MCPT_CKPT_ROOT"}
+
+
+@dataclass
+class SizeSpec:
+    """One model size: architecture, model parallelism and what one training job asks for."""
+
+    name: str
+    model: str                     # configs/models/<model>.yaml; also the checkpoint folder name
+    tp: int = 1
+    pp: int = 1
+    nodes: int = 1
+    tasks_per_node: int | None = None   # default: resources.gpus_per_node (one task per GPU)
+    time: str = "1-00:00:00"
+    signal_s: int = 300            # SIGUSR1 this long before the limit: time to save a checkpoint
+    overrides: list[str] = field(default_factory=list)   # extra trainer overrides for this size
+
+
+@dataclass
+class Resources:
+    gpus_per_node: int = 8         # 0: CPU-only cluster (tests, demo)
+    tasks_per_node: int = 8
+    cpus_per_task: int = 12
+    mem: str | None = None         # e.g. "0" (all of the node) or "2G"; None: cluster default
+    partition: str | None = None   # SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS override these
+    account: str | None = None
+    qos: str | None = None
+    max_requeues: int = 20         # a cell that needs more is broken, not unlucky
+
+
+@dataclass
+class EvalSpec:
+    enabled: bool = True
+    exams: list[str] = field(default_factory=list)
+    num_fewshot: int = 5
+    batch_size: int = 16
+    limit: int | None = None       # questions per task (None: all)
+    valid_sequences: int = 16      # sequences per validation prefix (perplexity / forgetting)
+    time: str = "04:00:00"
+    gpus: int = 1                  # evaluation runs at TP1 on one GPU (14B bf16 fits in 80 GB)
+    cpus: int = 8
+    mem: str | None = None
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    path: Path                     # the YAML it was read from
+    train_config: Path
+    study_dir: Path
+    data_root: Path
+    checkpoint_root: Path
+    domains: list[str]
+    general: bool
+    controls: list[str]
+    budget: dict
+    sizes: dict[str, SizeSpec]
+    resources: Resources
+    eval: EvalSpec
+
+    @property
+    def corpora(self) -> list[str]:
+        """Training corpora = cell names: general, each domain, control_<domain>."""
+        return (["general"] if self.general else []) + list(self.domains) + \
+            [f"control_{d}" for d in self.controls]
+
+    @property
+    def valid_names(self) -> list[str]:
+        return ["general"] + [d for d in self.domains if d != "general"]
+
+    @classmethod
+    def load(cls, path: str | Path, use_env: bool = True) -> "StudyConfig":
+        """Read and check a study YAML. ``use_env=False`` ignores the MCPT_* root overrides
+        (rendering committed scripts must not depend on the caller's environment)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"study file {path} not found; pass --study configs/study.yaml")
+        raw = yaml.safe_load(path.read_text()) or {}
+        known = {"name", "train_config", "study_dir", "data_root", "checkpoint_root", "domains",
+                 "general", "controls", "budget", "sizes", "resources", "eval"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UsageError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        for key in ("train_config", "sizes", "domains"):
+            if not raw.get(key):
+                raise UsageError(f"{path}: `{key}:` is required")
+        base = path.resolve().parent
+
+        def res(value: str | None, env: str | None = None) -> Path:
+            if env and use_env and os.environ.get(env):
+                value = os.environ[env]
+            p = Path(os.path.expandvars(str(value)))
+            return p if p.is_absolute() else (base / p).resolve()
+
+        sizes = {}
+        for name, spec in raw["sizes"].items():
+            spec = dict(spec or {})
+            spec.setdefault("model", name)
+            sizes[str(name)] = _typed(SizeSpec, {"name": str(name), **spec}, f"{path}: sizes.{name}")
+        controls = raw.get("controls") or []
+        if bad := [c for c in controls if c not in raw["domains"]]:
+            raise UsageError(f"{path}: controls {bad} are not in domains {raw['domains']}")
+        study = cls(
+            name=raw.get("name", path.stem), path=path.resolve(),
+            train_config=res(raw["train_config"]),
+            study_dir=res(raw.get("study_dir", "runs/study"), ENV_ROOTS["study_dir"]),
+            data_root=res(raw.get("data_root", "data/tokenized"), ENV_ROOTS["data_root"]),
+            checkpoint_root=res(raw.get("checkpoint_root", "checkpoints"), ENV_ROOTS["checkpoint_root"]),
+            domains=list(raw["domains"]), general=bool(raw.get("general", True)),
+            controls=list(controls), budget=dict(raw.get("budget") or {}), sizes=sizes,
+            resources=_typed(Resources, raw.get("resources") or {}, f"{path}: resources"),
+            eval=_typed(EvalSpec, raw.get("eval") or {}, f"{path}: eval"),
+        )
+        study.eval.exams = [str(res(e)) for e in study.eval.exams]
+        if not study.train_config.is_file():
+            raise UsageError(f"{path}: train_config {study.train_config} not found")
+        return study
+
+    def cells(self, sizes: list[str] | None = None, corpora: list[str] | None = None) -> list["Cell"]:
+        """The selected cells; unknown names are a usage error (exit 2)."""
+        for asked, known, what in ((sizes, list(self.sizes), "size"),
+                                   (corpora, self.corpora, "domain")):
+            for a in asked or []:
+                if a not in known:
+                    raise UsageError(f"unknown {what} '{a}' (this study has: {', '.join(known)})")
+        return [Cell(self, self.sizes[s], c) for s in (sizes or self.sizes)
+                for c in self.corpora if not corpora or c in corpora]
+
+
+def _number(value) -> str:
+    """2e10 -> '20000000000' (YAML 1.1 reads '2e+10' as a string)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _typed(cls, raw: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    return cls(**raw)
+
+
+@dataclass
+class Cell:
+    """One size x corpus run of the study."""
+
+    study: StudyConfig
+    size: SizeSpec
+    corpus: str                    # general | <domain> | control_<domain>
+
+    @property
+    def name(self) -> str:
+        return f"{self.size.name}/{self.corpus}"
+
+    @property
+    def kind(self) -> str:
+        if self.corpus == "general":
+            return "general"
+        return "control" if self.corpus.startswith("control_") else "domain"
+
+    @property
+    def domain(self) -> str | None:
+        return None if self.corpus == "general" else self.corpus.removeprefix("control_")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.study.study_dir / "runs" / self.size.name / self.corpus
+
+    @property
+    def pretrained(self) -> Path:
+        return self.study.checkpoint_root / self.size.model
+
+    def train_prefix(self, data_root: Path | str | None = None) -> str:
+        return f"{data_root or self.study.data_root}/{self.corpus}_train"
+
+    def valid_prefixes(self, data_root: Path | str | None = None) -> dict[str, str]:
+        root = data_root or self.study.data_root
+        return {n: f"{root}/{n}_valid" for n in self.study.valid_names}
+
+    @property
+    def tasks_per_node(self) -> int:
+        res = self.study.resources
+        return self.size.tasks_per_node or (res.gpus_per_node or res.tasks_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.size.nodes * self.tasks_per_node
+
+    @property
+    def gpus(self) -> int:
+        return self.size.nodes * self.study.resources.gpus_per_node
+
+    def trainer_overrides(self, run_dir: str | None = None, pretrained: str | None = None,
+                          data_root: str | None = None) -> list[str]:
+        """Dotted overrides that turn the study's base training config into this cell's run.
+        The arguments let the sbatch renderer put shell variables in place of paths."""
+        valid = ", ".join(f"{{name: {n}, prefix: {p}}}"
+                          for n, p in self.valid_prefixes(data_root).items())
+        return [f"run_dir={run_dir or self.run_dir}",
+                f"model.pretrained={pretrained or self.pretrained}",
+                f"data.train=[{{prefix: {self.train_prefix(data_root)}, weight: 1.0}}]",
+                f"data.valid=[{valid}]",
+                f"parallel.tp={self.size.tp}", f"parallel.pp={self.size.pp}",
+                *[f"budget.{k}={_number(v)}" for k, v in self.study.budget.items()],
+                *self.size.overrides]
+
+    def train_config(self):
+        from megatron_cpt.training.config import TrainConfig
+
+        return TrainConfig.load(self.study.train_config, self.trainer_overrides())
+
+    def describe(self) -> dict:
+        return {"size": self.size.name, "cell": self.corpus, "kind": self.kind,
+                "domain": self.domain, "model": self.size.model,
+                "run_dir": str(self.run_dir.relative_to(self.study.study_dir)),
+                "tp": self.size.tp, "pp": self.size.pp, "nodes": self.size.nodes,
+                "tasks": self.world_size, "gpus": self.gpus}
+
+
+def check_resources(cell: Cell) -> None:
+    """A resource request that cannot hold the size's TP x PP (or its batch) is refused."""
+    from megatron_cpt.models.qwen2 import ModelConfig
+
+    size, res = cell.size, cell.study.resources
+    model = ModelConfig.load(size.model)
+    model.check_parallel(size.tp, size.pp)
+    mp = size.tp * size.pp
+    where = f"size {size.name}"
+    if res.gpus_per_node and cell.tasks_per_node != res.gpus_per_node:
+        raise UsageError(f"{where}: {cell.tasks_per_node} tasks per node on {res.gpus_per_node}-GPU "
+                         "nodes; the trainer runs one task per GPU")
+    if res.gpus_per_node and size.tp > res.gpus_per_node:
+        raise UsageError(f"{where}: TP={size.tp} spans more than one {res.gpus_per_node}-GPU node; "
+                         "keep TP within a node (raise PP instead)")
+    if cell.world_size % mp:
+        raise UsageError(f"{where}: {size.nodes} node(s) x {cell.tasks_per_node} tasks = "
+                         f"{cell.world_size} ranks is not a multiple of TP x PP = {mp}; change "
+                         "nodes or tasks_per_node")
+    cfg = cell.train_config()
+    dp = cell.world_size // mp
+    per_step = cfg.batch.micro_batch_size * dp
+    if cfg.batch.global_batch_size % per_step:
+        raise UsageError(f"{where}: global batch {cfg.batch.global_batch_size} is not a multiple "
+                         f"of micro batch {cfg.batch.micro_batch_size} x DP {dp}; change nodes "
+                         "or batch.global_batch_size")
+
+
+def check_inputs(cell: Cell) -> None:
+    """Everything a cell reads must exist before anything is submitted."""
+    from megatron_cpt.checkpoint import store
+
+    if not store.is_checkpoint(cell.pretrained):
+        raise UsageError(f"{cell.name}: pretrained checkpoint {cell.pretrained} not found; convert "
+                         f"it (`megatron-cpt convert hf-to-mcore --out {cell.pretrained}`) or set "
+                         "checkpoint_root / MCPT_CKPT_ROOT")
+    for prefix in [cell.train_prefix(), *cell.valid_prefixes().values()]:
+        missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+        if missing:
+            raise UsageError(f"{cell.name}: data prefix {prefix} has no {'/'.join(missing)}; "
+                             "tokenize it (`megatron-cpt prep tokenize`) or set data_root / "
+                             "MCPT_DATA_ROOT")
+
+
+def write_study_json(study: StudyConfig, cells: list[Cell]) -> Path:
+    """STUDY/study.json: what the report needs to know about every cell (merged with cells
+    written by earlier launches of other sizes or corpora)."""
+    import json
+
+    from megatron_cpt.models.qwen2 import ModelConfig
+
+    out = study.study_dir / "study.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    by_name = {f"{c['size']}/{c['cell']}": c for c in old.get("cells", [])}
+    sizes = dict(old.get("sizes", {}))
+    for cell in cells:
+        params = ModelConfig.load(cell.size.model).num_parameters()
+        by_name[cell.name] = {**cell.describe(), "params": params}
+        sizes[cell.size.name] = {"model": cell.size.model, "params": params}
+    doc = {"name": study.name, "config": str(study.path), "domains": study.domains,
+           "controls": study.controls, "budget": study.budget, "sizes": sizes,
+           "cells": sorted(by_name.values(), key=lambda c: (c["size"], c["cell"]))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
+    return out

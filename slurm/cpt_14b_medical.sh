@@ -1,0 +1,77 @@
+#!/bin/bash
+# Continued pretraining of qwen2.5-14b on the medical corpus: cell 14b/medical of study 'qwen2.5-domain-cpt'.
+# TP4 x PP1 x DP8 = 32 ranks on 4 node(s) of 8 GPUs.
+# Rendered from configs/study.yaml by `megatron-cpt launch render-sbatch`;
+# edit the study config and re-render instead of editing this file.
+#
+# Submit from the repository root:   sbatch slurm/cpt_14b_medical.sh
+# Resumes by itself: the trainer saves and exits 42 on SIGUSR1 (600 s before the time
+# limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
+# the same job, which continues from the latest checkpoint in the same run folder.
+#
+# Overrides (environment variables at `sbatch` time; they are exported to the job):
+#   SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS   partition, account, QOS (read by sbatch itself)
+#   sbatch --nodes=N ...     more nodes = more data parallelism (global batch unchanged); keep N
+#                            for the whole run: a resumed run must keep its world size
+#   MCPT_STUDY_DIR           run folders (checkpoints, metrics)   default: runs/study
+#   MCPT_DATA_ROOT           tokenized prefixes <corpus>_train / <domain>_valid   default: data/tokenized
+#   MCPT_CKPT_ROOT           converted base checkpoints <model>/  default: checkpoints
+#   MCPT_CONTAINER_IMAGE     run inside this image (pyxis/enroot srun --container-image)
+#   MCPT_CONTAINER_MOUNTS    its --container-mounts (default: $REPO)
+#   MCPT_ENV                 a file sourced first (module loads, virtualenv activation)
+#   MCPT_PYTHON              the Python with megatron-cpt installed (default: python)
+#   MCPT_REPO                the repository root (default: the submission directory)
+#SBATCH --job-name=cpt_14b_medical
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --time=2-00:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-cpt_14b_medical-%j.out
+set -uo pipefail
+
+REPO="${MCPT_REPO:-$SLURM_SUBMIT_DIR}"
+if [ -n "${MCPT_ENV:-}" ]; then source "$MCPT_ENV"; fi
+PYTHON="${MCPT_PYTHON:-python}"
+STUDY_DIR="${MCPT_STUDY_DIR:-$REPO/runs/study}"
+DATA_ROOT="${MCPT_DATA_ROOT:-$REPO/data/tokenized}"
+CKPT_ROOT="${MCPT_CKPT_ROOT:-$REPO/checkpoints}"
+RUN_DIR="$STUDY_DIR/runs/14b/medical"
+MAX_REQUEUES=20
+
+CONTAINER=()
+if [ -n "${MCPT_CONTAINER_IMAGE:-}" ]; then
+  CONTAINER=(--container-image="$MCPT_CONTAINER_IMAGE" --container-workdir="$REPO"
+             --container-mounts="${MCPT_CONTAINER_MOUNTS:-$REPO}")
+fi
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
+echo "[$(date -u +%FT%TZ)] cpt_14b_medical: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST -> $RUN_DIR"
+
+srun --kill-on-bad-exit=1 ${CONTAINER[@]+"${CONTAINER[@]}"} \
+  "$PYTHON" -m megatron_cpt train --config "$REPO/configs/train/study-base.yaml" \
+    "run_dir=$RUN_DIR" \
+    "model.pretrained=$CKPT_ROOT/qwen2.5-14b" \
+    "data.train=[{prefix: $DATA_ROOT/medical_train, weight: 1.0}]" \
+    "data.valid=[{name: general, prefix: $DATA_ROOT/general_valid}, {name: legal, prefix: $DATA_ROOT/legal_valid}, {name: medical, prefix: $DATA_ROOT/medical_valid}, {name: accounting, prefix: $DATA_ROOT/accounting_valid}]" \
+    "parallel.tp=4" \
+    "parallel.pp=1" \
+    "budget.tokens=20000000000"
+rc=$?
+
+if [ "$rc" -eq 42 ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+    echo "cpt_14b_medical: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
+    exit 1
+  fi
+  echo "[$(date -u +%FT%TZ)] cpt_14b_medical: checkpoint saved, requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
