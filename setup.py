@@ -30,6 +30,7 @@ setup(
         "zstandard",
         "pyarrow",
         "sentencepiece",
+        "matplotlib",  # report plots (Agg backend)
         "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={

@@ -18,6 +18,8 @@ STAGES = {
     "train": ("megatron_cpt.cli.train", "continued pretraining under a compute budget (torchrun / srun)"),
     "plan": ("megatron_cpt.cli.plan", "print tokens, FLOPs, iterations, checkpoints and GPU-hours of a run or grid"),
     "eval": ("eval.cli", "evaluate: lm-eval tasks for exams, score checkpoints in place"),
+    "report": ("megatron_cpt.cli.report", "study report: best checkpoints, SGER, forgetting, "
+               "fits across sizes with bootstrap CIs"),
     "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
 }
 
