@@ -43,6 +43,11 @@ def _curve(ax, runs: dict, fn, label_suffix: str = "") -> bool:
     return drawn
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -55,7 +60,8 @@ def _save(fig, path: Path) -> Path:
 def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
     """Val (solid/dashed) and test (dotted) accuracy on exam D vs FLOPs, per domain."""
     plt = _plt()
-    doms = [d for d in study.domains if _runs(study, size, d)]
+    doms = [d for d in study.domains
+            if any(np.isfinite(r.exam(d, "val")).any() for r in _runs(study, size, d).values())]
     if not doms:
         return None
     fig, axes = _grid(plt, len(doms))
@@ -67,7 +73,7 @@ def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
             if np.isfinite(y).any():
                 ax.plot(r.flops, y, ":", color=STYLE[k][0], alpha=0.6, label=f"{k} (test)")
         ax.set(title=f"{size}: {d} exam", xlabel="FLOPs", ylabel="accuracy")
-        ax.legend(fontsize=6)
+        _legend(ax)
     return _save(fig, out / f"score_vs_compute_{size}.png")
 
 
@@ -96,14 +102,15 @@ def sger_vs_size(study: Study, cells: dict, out: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set(xlabel="parameters", ylabel="SGER (general / specialized compute)",
            title="SGER vs model size (95% bootstrap CI)")
-    ax.legend(fontsize=7)
+    _legend(ax)
     return _save(fig, out / "sger_vs_size.png")
 
 
 def forgetting(study: Study, size: str, out: Path) -> Path | None:
     """General validation loss (top) and general exam test accuracy (bottom) vs FLOPs."""
     plt = _plt()
-    doms = [d for d in study.domains if _runs(study, size, d)]
+    doms = [d for d in study.domains if study.run(size, d) is not None
+            and study.run(size, d).points]
     if not doms:
         return None
     fig, axes = _grid(plt, len(doms), 2)
@@ -114,7 +121,7 @@ def forgetting(study: Study, size: str, out: Path) -> Path | None:
         drawn |= _curve(axes[1][j], runs, lambda r: r.exam(GENERAL, "test"))
         axes[0][j].set(title=f"{size}: {d} vs general", ylabel="general valid loss")
         axes[1][j].set(xlabel="FLOPs", ylabel="general exam test acc")
-        axes[0][j].legend(fontsize=6)
+        _legend(axes[0][j])
     if not drawn:
         plt.close(fig)
         return None
@@ -124,7 +131,8 @@ def forgetting(study: Study, size: str, out: Path) -> Path | None:
 def domain_loss(study: Study, size: str, out: Path) -> Path | None:
     """Domain validation loss vs FLOPs: specialized vs general vs control."""
     plt = _plt()
-    doms = [d for d in study.domains if _runs(study, size, d)]
+    doms = [d for d in study.domains
+            if any(np.isfinite(r.valid(d)).any() for r in _runs(study, size, d).values())]
     if not doms:
         return None
     fig, axes = _grid(plt, len(doms))
@@ -132,7 +140,7 @@ def domain_loss(study: Study, size: str, out: Path) -> Path | None:
     for ax, d in zip(axes[0], doms):
         drawn |= _curve(ax, _runs(study, size, d), lambda r, d=d: r.valid(d))
         ax.set(title=f"{size}: {d} validation loss", xlabel="FLOPs", ylabel="loss")
-        ax.legend(fontsize=6)
+        _legend(ax)
     if not drawn:
         plt.close(fig)
         return None
