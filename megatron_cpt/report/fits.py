@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_cpt.report.analysis import NOT_REACHED, best_index, sger_arrays
-from megatron_cpt.report.load import CONTROL_PREFIX, GENERAL, Run, Study
+from megatron_cpt.report.load import CONTROL_PREFIX, GENERAL, Study
 
 LEVEL = (2.5, 97.5)
 MIN_VALID = 0.5  # a CI needs at least this fraction of replicates with a defined value
