@@ -31,6 +31,7 @@ setup(
         "pyarrow",
         "sentencepiece",
         "submitit>=1.5",  # the SLURM grid launcher (job arrays, requeue, torch.distributed env)
+        "matplotlib",  # report plots (Agg backend)
         "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={

@@ -19,6 +19,8 @@ STAGES = {
     "plan": ("megatron_cpt.cli.plan", "print tokens, FLOPs, iterations, checkpoints and GPU-hours of a run or grid"),
     "launch": ("megatron_cpt.cli.launch", "SLURM: render sbatch scripts, submit the size x domain grid (submitit), status"),
     "eval": ("eval.cli", "evaluate: lm-eval tasks for exams, score checkpoints in place"),
+    "report": ("megatron_cpt.cli.report", "study report: best checkpoints, SGER, forgetting, "
+               "fits across sizes with bootstrap CIs"),
     "demo": ("megatron_cpt.cli.demo", "run the toy-scale demo on CPU"),
 }
 

@@ -1,0 +1,35 @@
+"""``megatron-cpt report``: read every run's evaluations of a study grid, write the report."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=(
+        "Read STUDY/runs/<size>/<cell>/eval/*.json (and study.json when present) and write "
+        "report.md, report.html, results.json and PNG plots: best checkpoints (selected on "
+        "val), SGER, forgetting and domain loss at equal compute, power-law fits across sizes "
+        "with bootstrap CIs over exam questions. Definitions: docs/report.md."))
+    p.add_argument("--study", type=Path, required=True, help="study folder")
+    p.add_argument("--out", type=Path, help="output folder (default STUDY/report)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap replicates over exam questions (0: no CIs)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.report import build_report
+    from megatron_cpt.report.render import summary_table
+
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
+    out = args.out or args.study / "report"
+    results = build_report(args.study, out, bootstrap=args.bootstrap, seed=args.seed)
+    print(out / "report.md")
+    print(summary_table(results))
+    if results["missing"]:
+        print(f"missing: {len(results['missing'])} (listed in report.md)")
+    return 0

@@ -1,0 +1,96 @@
+"""``megatron-cpt report``: compare the runs of a study grid and write the study's report.
+
+load.py reads the study folder, analysis.py compares runs (best checkpoint on val, SGER,
+forgetting and domain loss at equal compute), fits.py fits power laws across sizes with
+bootstrap CIs over exam questions, plots.py draws the figures and render.py writes
+report.md / report.html / results.json. Definitions: docs/report.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFINITIONS = {
+    "best_checkpoint": "max val acc on exam D over scored points (base model included); "
+                       "ties -> least FLOPs; test acc / answer_ppl reported at that point",
+    "compute_to_best": "training FLOPs (and tokens) of the best checkpoint",
+    "sger": "C_general / C_specialized: C_general = FLOPs of the general run's best val "
+            "checkpoint on exam D, C_specialized = FLOPs at which the specialized run first "
+            "reaches that val acc, linearly interpolated in FLOPs between the last point below "
+            "and the first at/above it (first point: its own FLOPs)",
+    "sger_flags": "not_reached: value null, bound = C_general / specialized total FLOPs "
+                  "(SGER < bound); base_reaches_target: specialized reaches it at 0 FLOPs "
+                  "(unbounded, null); general_no_improvement: general best is at 0 FLOPs "
+                  "(undefined, null); no_data",
+    "sger_control": "same with the control_D run in place of the general run",
+    "forgetting": "specialized minus general at equal compute (specialized checkpoints' FLOPs "
+                  "within the general run's range, general linearly interpolated, base "
+                  "excluded) of valid.general.loss and of general exam TEST acc",
+    "domain_valid_loss_at_equal_compute": "valid.<D>.loss specialized vs general at equal "
+                                          "compute (same points); delta = specialized - general",
+    "bootstrap": "per replicate each exam split's questions are drawn with replacement once "
+                 "and applied to every checkpoint of every run; CIs are 2.5/97.5 percentiles "
+                 "over replicates where the value is defined (null if < 50% are)",
+    "fits": "y = a * N^b by least squares in log-log over sizes with a defined value",
+}
+
+
+def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 1000,
+                 seed: int = 0) -> dict:
+    """Analyze the study at ``study_dir``, write report.md/.html, results.json and PNGs into
+    ``out_dir`` (default STUDY/report). Returns the results.json dict."""
+    from megatron_cpt.report import plots, render
+    from megatron_cpt.report.load import load_study
+
+    study_dir = Path(study_dir)
+    study = load_study(study_dir)
+    out = Path(out_dir) if out_dir is not None else study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results = analyze(study, bootstrap, seed)
+    results["study_dir"] = str(study_dir)
+    results["plots"] = [p.name for p in plots.all_plots(study, results["cells"], out)]
+    render.write_all(results, out)
+    return results
+
+
+def analyze(study, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Point estimates, bootstrap CIs and fits for an in-memory study (no files written)."""
+    from megatron_cpt.report import analysis, fits
+
+    missing, notes = list(study.missing), list(study.notes)
+    cells: dict[str, dict] = {}
+    for size in study.sizes:
+        for d in study.domains:
+            if study.run(size, d) is None and study.run(size, "general") is None \
+                    and study.run(size, f"control_{d}") is None:
+                continue
+            cells[f"{size}/{d}"] = analysis.analyze_cell(study, size, d)
+    reps: dict = {}
+    weights = fits.question_weights(study, bootstrap, seed) if bootstrap > 0 else {}
+    for key, c in cells.items():
+        rep = fits.cell_replicates(study, c["size"], c["domain"], weights) if weights else None
+        reps[key] = rep
+        c["bootstrap"] = fits.summarize_replicates(rep)
+        if rep is None and bootstrap > 0:
+            notes.append(f"{key}: no bootstrap CI (no per-question records for mcpt_"
+                         f"{c['domain']}_val)")
+        if c["sger"] is None:
+            why = "no general run with evaluations" if "general" in c["missing"] else \
+                "no specialized run with evaluations"
+            notes.append(f"{key}: no SGER ({why})")
+    fitted: dict = {}
+    if sum(1 for n in study.sizes.values() if n) < 2:
+        notes.append(f"{len(study.sizes)} size(s) with known parameters < 2: no fits across sizes")
+    else:
+        for d in study.domains:
+            fitted[d] = fits.fit_domain(study, cells, reps, d)
+    compared = [c["domain_valid_loss_at_equal_compute"] for c in cells.values()
+                if c.get("domain_valid_loss_at_equal_compute")
+                and c["domain_valid_loss_at_equal_compute"]["flops"]]
+    lower = sum(1 for x in compared if x["specialized_lower_everywhere"])
+    summary = {"domain_valid_loss": {
+        "cells_compared": len(compared), "specialized_lower_everywhere": lower,
+        "all_cells_lower_everywhere": bool(compared) and lower == len(compared)}}
+    return {"study": study.name, "sizes": dict(study.sizes), "domains": list(study.domains),
+            "definitions": DEFINITIONS, "bootstrap": {"replicates": bootstrap, "seed": seed},
+            "summary": summary, "cells": cells, "fits": fitted, "missing": missing,
+            "notes": notes}

@@ -1,0 +1,222 @@
+"""Selection, SGER, forgetting at equal compute: the study's comparisons of two runs.
+
+The core functions take plain arrays with optional leading batch dimensions, so the
+bootstrap (fits.py) runs the very same code on thousands of resampled accuracy curves.
+Points are always sorted by compute (FLOPs), base model (FLOPs 0) first when scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_cpt.report.load import CONTROL_PREFIX, GENERAL, Run, Study
+
+# SGER outcome codes (vectorized); names as written in results.json
+OK, NOT_REACHED, BASE_REACHES, GENERAL_NO_IMPROVEMENT, NO_DATA = 0, 1, 2, 3, 4
+FLAGS = {OK: "ok", NOT_REACHED: "not_reached", BASE_REACHES: "base_reaches_target",
+         GENERAL_NO_IMPROVEMENT: "general_no_improvement", NO_DATA: "no_data"}
+_EPS = 1e-9  # accuracies are ratios k/n: compare with a tolerance
+
+
+def best_index(val: np.ndarray) -> np.ndarray:
+    """Index of the best point by validation score over the last axis; NaN (unscored) never
+    wins; ties go to the first, i.e. least compute. Rows of all-NaN give 0."""
+    v = np.where(np.isnan(val), -np.inf, val)
+    top = v.max(axis=-1, keepdims=True)
+    return np.argmax(v >= top - _EPS, axis=-1)
+
+
+def first_reach(flops: np.ndarray, score: np.ndarray, target: np.ndarray):
+    """Compute at which the curve ``score`` (``[..., P]`` over ``flops`` ``[P]``) first reaches
+    ``target`` (``[...]``), interpolating linearly in compute between the last point below and
+    the first point at or above the target; a first point already at the target gives its own
+    compute. Returns (compute with NaN where never reached, reached mask)."""
+    flops = np.asarray(flops, dtype=float)
+    s = np.where(np.isnan(score), -np.inf, score)
+    t = np.asarray(target, dtype=float)[..., None]
+    hit = s >= t - _EPS
+    reached = hit.any(axis=-1)
+    i = np.argmax(hit, axis=-1)
+    prev = np.maximum(i - 1, 0)
+    s_i = np.take_along_axis(s, i[..., None], -1)[..., 0]
+    s_p = np.take_along_axis(s, prev[..., None], -1)[..., 0]
+    f_i, f_p = flops[i], flops[prev]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = (t[..., 0] - s_p) / (s_i - s_p)
+    ok = (i > 0) & np.isfinite(s_p) & np.isfinite(frac)
+    frac = np.clip(np.where(ok, frac, 1.0), 0.0, 1.0)
+    compute = np.where(i > 0, f_p + frac * (f_i - f_p), f_i)
+    return np.where(reached, compute, np.nan), reached
+
+
+def sger_arrays(gen_flops, gen_val, spec_flops, spec_val):
+    """Vectorized SGER of a specialized (or any second) run against a reference run.
+
+    target = the reference's best validation score; C_ref = its compute at that checkpoint;
+    C_spec = compute at which the second run first reaches the target (``first_reach``).
+    Returns dict of arrays: value (C_ref / C_spec; NaN unless flag OK), flag, target,
+    c_ref, c_spec, bound (C_ref / max compute of the second run, an upper bound on SGER
+    when flag is NOT_REACHED).
+    """
+    gen_flops, spec_flops = np.asarray(gen_flops, float), np.asarray(spec_flops, float)
+    gen_val, spec_val = np.asarray(gen_val, float), np.asarray(spec_val, float)
+    bg = best_index(gen_val)
+    target = np.take_along_axis(gen_val, bg[..., None], -1)[..., 0]
+    c_ref = gen_flops[bg]
+    c_spec, reached = first_reach(spec_flops, spec_val, target)
+    no_data = ~np.isfinite(target) | np.all(np.isnan(spec_val), axis=-1)
+    flag = np.full(target.shape, OK)
+    flag = np.where(~reached, NOT_REACHED, flag)
+    flag = np.where(reached & (c_spec <= 0) & (c_ref > 0), BASE_REACHES, flag)
+    flag = np.where(c_ref <= 0, GENERAL_NO_IMPROVEMENT, flag)
+    flag = np.where(no_data, NO_DATA, flag)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.where(flag == OK, c_ref / np.where(c_spec > 0, c_spec, np.nan), np.nan)
+        smax = np.nanmax(np.where(np.isnan(spec_val), -np.inf, spec_flops), axis=-1) \
+            if spec_val.size else np.nan
+        bound = np.where(flag == NOT_REACHED, c_ref / np.where(smax > 0, smax, np.nan), np.nan)
+    return {"value": value, "flag": flag, "target": target, "c_ref": c_ref, "c_spec": c_spec,
+            "bound": bound}
+
+
+def at_equal_compute(spec_flops, spec_y, ref_flops, ref_y):
+    """Both curves at the specialized run's checkpoint FLOPs (base model excluded: FLOPs 0)
+    that lie within the reference's scored FLOPs range; the reference is linearly
+    interpolated. Returns (flops, spec values, reference values) as lists."""
+    sf, sy = np.asarray(spec_flops, float), np.asarray(spec_y, float)
+    rf, ry = np.asarray(ref_flops, float), np.asarray(ref_y, float)
+    keep_r = np.isfinite(ry)
+    if keep_r.sum() < 1:
+        return [], [], []
+    rf, ry = rf[keep_r], ry[keep_r]
+    sel = np.isfinite(sy) & (sf > 0) & (sf >= rf.min()) & (sf <= rf.max())
+    f = sf[sel]
+    return f.tolist(), sy[sel].tolist(), np.interp(f, rf, ry).tolist()
+
+
+@dataclass
+class Best:
+    iteration: int
+    flops: float
+    tokens: float
+    val_acc: float
+    test_acc: float | None
+    test_answer_ppl: float | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _num(x) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def best_checkpoint(run: Run, exam: str) -> Best | None:
+    """The run's best point on ``exam``'s val split (never test); ties -> least compute."""
+    val = run.exam(exam, "val")
+    if not run.points or np.all(np.isnan(val)):
+        return None
+    i = int(best_index(val))
+    p = run.points[i]
+    return Best(p.iteration, p.flops, p.tokens, float(val[i]),
+                _num(run.exam(exam, "test")[i]), _num(run.exam(exam, "test", "answer_ppl")[i]))
+
+
+def base_scores(runs: list[Run], exam: str) -> dict | None:
+    """The base model's (iteration 0) scores on ``exam``, from the first run that has them."""
+    for run in runs:
+        for i, p in enumerate(run.points):
+            if p.iteration == 0 and exam in p.exams:
+                return {"val_acc": _num(run.exam(exam, "val")[i]),
+                        "test_acc": _num(run.exam(exam, "test")[i]),
+                        "test_answer_ppl": _num(run.exam(exam, "test", "answer_ppl")[i]),
+                        "from": run.key}
+    return None
+
+
+def sger(ref: Run, spec: Run, exam: str) -> dict:
+    """SGER of ``spec`` against ``ref`` (general or control) on ``exam``'s val split, as a
+    results.json record."""
+    r = sger_arrays(ref.flops, ref.exam(exam, "val"), spec.flops, spec.exam(exam, "val"))
+    flag = FLAGS[int(r["flag"])]
+    notes = {
+        "not_reached": "the specialized run never reaches the reference's best val score; "
+                       "SGER < bound (reference compute / specialized run's total compute)",
+        "base_reaches_target": "the specialized run's first scored point already reaches the "
+                               "target at compute 0: SGER is unbounded",
+        "general_no_improvement": "the reference's best val score is at compute 0 (never "
+                                  "improves over the base model): SGER undefined",
+        "no_data": "no val scores for this exam in one of the runs",
+    }
+    return {"value": _num(r["value"]), "flag": flag, "bound": _num(r["bound"]),
+            "target_val_acc": _num(r["target"]), "reference_flops": _num(r["c_ref"]),
+            "specialized_flops": _num(r["c_spec"]), "note": notes.get(flag)}
+
+
+def _compare(spec: Run, ref: Run, fn) -> dict:
+    f, s, g = at_equal_compute(spec.flops, fn(spec), ref.flops, fn(ref))
+    d = [a - b for a, b in zip(s, g)]
+    return {"flops": f, "specialized": s, "reference": g, "delta": d,
+            "mean_delta": float(np.mean(d)) if d else None,
+            "delta_at_max_common_flops": d[-1] if d else None}
+
+
+def forgetting(spec: Run, gen: Run) -> dict:
+    """General-domain ability of the specialized run minus the general run's at equal compute:
+    general validation loss (positive delta = forgetting) and general exam test accuracy
+    (negative delta = forgetting)."""
+    loss = _compare(spec, gen, lambda r: r.valid(GENERAL))
+    acc = _compare(spec, gen, lambda r: r.exam(GENERAL, "test"))
+    return {"general_valid_loss": loss, "general_exam_test_acc": acc}
+
+
+def domain_loss_effect(spec: Run, ref: Run, domain: str) -> dict:
+    """Domain validation loss (valid.<domain>.loss) of spec vs ref at equal compute."""
+    c = _compare(spec, ref, lambda r: r.valid(domain))
+    return {"flops": c["flops"], "specialized": c["specialized"], "reference": c["reference"],
+            "delta": c["delta"], "mean_delta": c["mean_delta"],
+            "specialized_lower_everywhere": bool(c["flops"]) and all(x < 0 for x in c["delta"])}
+
+
+def analyze_cell(study: Study, size: str, domain: str) -> dict:
+    """Everything the report says about one size x domain (point estimates, no bootstrap)."""
+    spec = study.run(size, domain)
+    gen = study.run(size, GENERAL)
+    ctrl = study.run(size, f"{CONTROL_PREFIX}{domain}")
+    runs = {"specialized": spec, "general": gen, "control": ctrl}
+    present = {k: r for k, r in runs.items() if r is not None and r.points}
+    out: dict = {"size": size, "domain": domain, "params": study.sizes.get(size),
+                 "runs": {k: (str(r.run_dir.relative_to(study.root))
+                              if r.run_dir.is_relative_to(study.root) else str(r.run_dir))
+                          for k, r in runs.items() if r is not None},
+                 "missing": [k for k, r in runs.items() if (r is None or not r.points)
+                             and (k != "control" or r is not None or domain in study.controls)]}
+    out["base"] = base_scores(list(present.values()), domain)
+    out["best"] = {k: (b.as_dict() if (b := best_checkpoint(r, domain)) else None)
+                   for k, r in present.items()}
+    out["compute_to_best"] = {k: ({"flops": b["flops"], "tokens": b["tokens"]} if b else None)
+                              for k, b in out["best"].items()}
+    out["sger"] = sger(gen, spec, domain) if "specialized" in present and "general" in present \
+        else None
+    out["sger_control"] = sger(ctrl, spec, domain) \
+        if "specialized" in present and "control" in present else None
+    if "specialized" in present and "general" in present:
+        out["forgetting_at_equal_compute"] = forgetting(spec, gen)
+        eff = domain_loss_effect(spec, gen, domain)
+        out["domain_valid_loss_at_equal_compute"] = {
+            "flops": eff["flops"], "specialized": eff["specialized"], "general": eff["reference"],
+            "delta": eff["delta"], "mean_delta": eff["mean_delta"],
+            "specialized_lower_everywhere": eff["specialized_lower_everywhere"]}
+    else:
+        out["forgetting_at_equal_compute"] = None
+        out["domain_valid_loss_at_equal_compute"] = None
+    if "specialized" in present and "control" in present:
+        eff = domain_loss_effect(spec, ctrl, domain)
+        out["domain_valid_loss_vs_control"] = {
+            "flops": eff["flops"], "specialized": eff["specialized"], "control": eff["reference"],
+            "delta": eff["delta"], "mean_delta": eff["mean_delta"],
+            "specialized_lower_everywhere": eff["specialized_lower_everywhere"]}
+    else:
+        out["domain_valid_loss_vs_control"] = None
+    return out
