@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.setup-stamp
 NEMO_VENV  := .venv-nemo
 NEMO_STAMP := $(NEMO_VENV)/.setup-stamp
 
-.PHONY: setup setup-nemo test demo clean
+.PHONY: setup setup-nemo slurm-up test demo clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
 	touch $(STAMP)
 
-test: setup setup-nemo
+# A real one-node SLURM cluster for the launch tests (installs slurm-wlm + munge from Debian
+# when missing; needs root). If it cannot start, tests/test_slurm.py fails with the reason.
+slurm-up:
+	-bash slurm/local/cluster.sh start
+
+test: setup setup-nemo slurm-up
 	$(BIN)/python -m pytest -q tests
 
 demo: setup

@@ -22,8 +22,9 @@ The library opens at nine, the market closes at six, and the train leaves at noo
 """
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE saved as a Hugging Face tokenizer folder; EOD is ``<|endoftext|>``."""
+def train_tokenizer(out_dir: Path, vocab_size: int = 512, texts: list[str] | None = None) -> Path:
+    """A byte-level BPE saved as a Hugging Face tokenizer folder; EOD is ``<|endoftext|>``.
+    ``texts``: the corpus to fit (default: a few built-in sentences)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +33,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_TOKENIZER_TEXT.splitlines() * 4, trainer=trainer)
+    tok.train_from_iterator(texts or _TOKENIZER_TEXT.splitlines() * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOD, pad_token=EOD)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

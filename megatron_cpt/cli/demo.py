@@ -1,8 +1,6 @@
-"""``megatron-cpt demo``: the toy-scale demonstration on CPU.
-
-For now it demonstrates the foundation: tiny Qwen2 models made locally are converted to
-Megatron checkpoints and verified against transformers at several TP/PP layouts, through
-the same commands a user runs on a cluster.
+"""``megatron-cpt demo``: the whole study at toy scale on CPU (megatron_cpt/demo.py), or
+with ``--conversion-check`` the conversion check: tiny Qwen2 models converted to Megatron
+checkpoints and verified against transformers at several TP/PP layouts.
 """
 from __future__ import annotations
 
@@ -23,6 +21,15 @@ def register(sub, name: str, help_text: str) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder")
     p.add_argument("--keep", action="store_true", help="reuse what an earlier demo left in --out")
+    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
+                   help="auto: the local SLURM cluster when `sinfo` answers, else submitit's "
+                   "local executor")
+    p.add_argument("--domains", nargs="+", help="subset of the demo grid's corpora "
+                   "(general, legal, medical, control_legal)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="report bootstrap replicates")
+    p.add_argument("--conversion-check", action="store_true",
+                   help="instead: convert tiny models and verify them against transformers "
+                   "at TP/PP 1-2")
     p.set_defaults(func=run)
 
 
@@ -53,6 +60,17 @@ def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.conversion_check:
+        return conversion_check(args)
+    from megatron_cpt.demo import run_study
+
+    if args.out.exists() and not args.keep:
+        shutil.rmtree(args.out)
+    run_study(args.out, executor=args.executor, corpora=args.domains, bootstrap=args.bootstrap)
+    return 0
+
+
+def conversion_check(args: argparse.Namespace) -> int:
     from megatron_cpt.checkpoint.verify import VerifyResult, format_table
     from megatron_cpt.tiny import make_hf_model, train_tokenizer
 

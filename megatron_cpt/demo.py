@@ -1,0 +1,197 @@
+"""The whole study at toy scale on CPU, through the same commands and launcher as on a cluster.
+
+1. data: domain classifier, filtering + decontamination of the shipped web sample, a
+   train/valid split per corpus, a BPE fitted on the general training text, tokenization;
+2. base models: two tiny random Qwen2 sizes pretrained briefly on general text (so continued
+   pretraining starts from a model that knows the language), published as Hugging Face
+   folders and converted back to Megatron checkpoints, as a real Qwen2.5 would be;
+3. the grid (configs/study-demo.yaml): sizes x {general, legal, medical, control_legal},
+   TP2 / PP2, each cell evaluated on every checkpoint, submitted with `launch grid` to the
+   local SLURM cluster when one answers, else run with submitit's local executor;
+4. the report (report.md / report.html / results.json / plots).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from megatron_cpt.launch.study import REPO_ROOT
+
+STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
+TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
+VALID_EVERY = 8          # every 8th document (by id hash) of a corpus is held out
+BASE_ITERATIONS = 80     # brief general pretraining of the random base models
+LOCAL_SLURM_CONF = Path("/tmp/megatron-cpt-slurm/slurm.conf")
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cli(*args: str, quiet: bool = True) -> None:
+    """Run ``megatron-cpt ARGS`` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "megatron_cpt", *args], env=env, text=True,
+                          capture_output=quiet)
+    if proc.returncode != 0:
+        if quiet:
+            sys.stderr.write((proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:])
+        raise SystemExit(f"demo step failed (exit {proc.returncode}): megatron-cpt {' '.join(args)}")
+
+
+def _is_valid(doc_id: str) -> bool:
+    return zlib.crc32(doc_id.encode()) % VALID_EVERY == 0
+
+
+def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
+    from data_prep.tokenize import tokenize
+    from megatron_cpt.tiny import train_tokenizer
+
+    samples = REPO_ROOT / "data_prep" / "samples"
+    cli("prep", "classifier", "train", "--labeled", str(samples / "seed_labeled.jsonl"),
+        "--out", str(out / "classifier"))
+    cli("prep", "filter", "--config", str(REPO_ROOT / "configs" / "data" / "sample.yaml"),
+        "--output", str(out / "prep"), "--classifier", str(out / "classifier"), "--workers", "2")
+    report = json.loads((out / "prep" / "filter_report.json").read_text())
+    log(f"filtered the web sample: {report['documents_in']} documents in, "
+        f"{report['documents_clean']} clean, dropped {report['dropped']}")
+
+    splits = out / "splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    docs = {}
+    for corpus in {*corpora, *valid_names}:
+        path = out / "prep" / corpus / "data.jsonl"
+        docs[corpus] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    held_out = {d["id"] for n in valid_names for d in docs[n] if _is_valid(d["id"])}
+    files = {}
+    for corpus in corpora:  # a document held out anywhere is trained on nowhere
+        files[f"{corpus}_train"] = [d for d in docs[corpus] if d["id"] not in held_out]
+    for name in valid_names:
+        files[f"{name}_valid"] = [d for d in docs[name] if _is_valid(d["id"])]
+    for name, rows in files.items():
+        (splits / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    tok = train_tokenizer(out / "tokenizer", vocab_size=1024,
+                          texts=[d["text"] for d in files["general_train"]])
+    for name, rows in files.items():
+        tokenize([str(splits / f"{name}.jsonl")], str(tok), str(out / "data" / name), workers=1,
+                 progress=False)
+    sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
+             for n in files}
+    log("tokenized: " + ", ".join(f"{n} {len(files[n])} docs/{sizes[n]} tok" for n in files))
+
+
+def base_models(out: Path, models: list[str]) -> None:
+    """Random init -> brief general pretraining -> HF "base model" -> Megatron checkpoint."""
+    from megatron_cpt.tiny import make_hf_model
+
+    data = out / "data"
+    for seed, model in enumerate(models):
+        make_hf_model(out / "base" / f"{model}-random-hf", model, seed=seed,
+                      tokenizer_dir=out / "tokenizer")
+        cli("convert", "hf-to-mcore", "--hf", str(out / "base" / f"{model}-random-hf"),
+            "--out", str(out / "base" / f"{model}-random"), "--force")
+        run = out / "base" / f"{model}-pretrain"
+        cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run}",
+            f"model.pretrained={out / 'base' / f'{model}-random'}",
+            f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
+            f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
+            f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
+        losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        valid = [r["loss"] for r in losses if r["kind"] == "valid"]
+        latest = (run / "checkpoints" / "latest").read_text().strip()
+        cli("convert", "mcore-to-hf", "--ckpt", str(run / "checkpoints" / latest),
+            "--out", str(out / "base" / f"{model}-hf"), "--force")
+        cli("convert", "hf-to-mcore", "--hf", str(out / "base" / f"{model}-hf"),
+            "--out", str(out / "checkpoints" / model), "--name", model, "--force")
+        log(f"base model {model}: {BASE_ITERATIONS} iterations of general text, "
+            f"general valid loss {valid[-1]:.3f}; converted to {out / 'checkpoints' / model}")
+
+
+def slurm_available() -> bool:
+    if not os.environ.get("SLURM_CONF") and LOCAL_SLURM_CONF.is_file():
+        os.environ["SLURM_CONF"] = str(LOCAL_SLURM_CONF)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(s.strip(" *") in ("idle", "mixed", "allocated")
+                                       for s in out.stdout.split())
+
+
+def wait_for_jobs(launches: dict, timeout_s: float = 3600) -> None:
+    from megatron_cpt.launch.status import slurm_job
+
+    pending = {f"{cell} {kind}": entry[f"{kind}_job"] for cell, entry in launches.items()
+               for kind in ("train", "eval") if entry.get(f"{kind}_job")}
+    deadline = time.time() + timeout_s
+    while pending and time.time() < deadline:
+        for name, job_id in list(pending.items()):
+            state = slurm_job(job_id).get("JobState", "")
+            if state == "COMPLETED":
+                log(f"{name} done (job {job_id})")
+                del pending[name]
+            elif state in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+                raise SystemExit(f"demo: {name} job {job_id} ended {state}; see the study "
+                                 "folder's submitit/ logs")
+        time.sleep(2)
+    if pending:
+        raise SystemExit(f"demo: jobs still running after {timeout_s:.0f} s: {pending}")
+
+
+def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = None,
+              bootstrap: int = 1000) -> dict:
+    from megatron_cpt.launch.grid import submit_grid
+    from megatron_cpt.launch.study import StudyConfig
+    from megatron_cpt.report import build_report
+    from megatron_cpt.report.render import summary_table
+
+    out = out.resolve()
+    os.environ.update(MCPT_STUDY_DIR=str(out / "study"), MCPT_DATA_ROOT=str(out / "data"),
+                      MCPT_CKPT_ROOT=str(out / "checkpoints"))
+    study = StudyConfig.load(STUDY)
+    cells = study.cells(corpora=corpora)
+    needed = sorted({c.corpus for c in cells} | {"general"})
+    timings = {}
+
+    t0 = time.time()
+    log(f"1/4 data: classifier, filter + decontamination, split, tokenize -> {out / 'data'}")
+    prepare_data(out, needed, study.valid_names)
+    timings["data"] = time.time() - t0
+
+    t = time.time()
+    log(f"2/4 base models {', '.join(study.sizes)}: brief general pretraining, HF export, conversion")
+    base_models(out, [s.model for s in study.sizes.values()])
+    timings["base models"] = time.time() - t
+
+    t = time.time()
+    kind = executor if executor != "auto" else ("slurm" if slurm_available() else "local")
+    log(f"3/4 grid: {len(cells)} cells ({', '.join(c.name for c in cells)}) on "
+        f"{'the local SLURM cluster' if kind == 'slurm' else 'this machine (submitit local executor)'}")
+    launches = submit_grid(study, cells, kind=kind, log=lambda m: log("   " + m))
+    if kind == "slurm":
+        wait_for_jobs(launches)
+    timings["grid"] = time.time() - t
+
+    t = time.time()
+    log("4/4 report")
+    results = build_report(out / "study", out / "study" / "report", bootstrap=bootstrap)
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+    results["demo"] = {"executor": kind, "timings_s": timings}
+    (out / "demo_summary.json").write_text(json.dumps(results["demo"], indent=2) + "\n")
+    print()
+    print(summary_table(results))
+    print()
+    effect = results["summary"].get("domain_valid_loss", {})
+    print(f"domain validation loss, specialized vs general at equal compute: specialized lower "
+          f"at every compared point in {effect.get('specialized_lower_everywhere')} of "
+          f"{effect.get('cells_compared')} cells")
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"report: {out / 'study' / 'report' / 'report.md'} (and report.html)")
+    return results

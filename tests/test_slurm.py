@@ -1,0 +1,285 @@
+"""SLURM launch: committed sbatch scripts, pre-submission errors, and runs against a real
+one-node SLURM cluster (slurm/local/cluster.sh: munged + slurmctld + slurmd on this machine).
+
+When the cluster cannot start, the SLURM tests fail with the reason; they are never skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from megatron_cpt.cli import main
+from megatron_cpt.launch.sbatch import render_all
+from megatron_cpt.launch.study import StudyConfig
+
+CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+# ---------------------------------------------------------------- committed scripts, errors
+def test_committed_scripts_match_their_rendering(tmp_path):
+    study = StudyConfig.load(REPO / "configs" / "study.yaml", use_env=False)
+    rendered = {p.name: p.read_text() for p in render_all(study, tmp_path)}
+    committed = {p.name: p.read_text() for p in (REPO / "slurm").glob("cpt_*.sh")}
+    assert len(rendered) == 4 * 7  # 4 sizes x (general + 3 domains + 3 controls)
+    assert sorted(committed) == sorted(rendered), "re-run `megatron-cpt launch render-sbatch`"
+    stale = [name for name in rendered if committed[name] != rendered[name]]
+    assert not stale, f"committed scripts differ from their rendering: {stale}; re-render them"
+    s14 = committed["cpt_14b_medical.sh"]
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR1@600", '"parallel.tp=4"', "scontrol requeue",
+                 "$DATA_ROOT/medical_train", "MCPT_CONTAINER_IMAGE", "SBATCH_PARTITION"):
+        assert line in s14, line
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "cpt_14b_medical.sh")]).returncode == 0
+
+
+def _study_yaml(path: Path, **changes) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "study.yaml").read_text())
+    raw["train_config"] = str(REPO / "configs" / "train" / "study-base.yaml")
+    raw["eval"]["exams"] = []
+    for key, value in changes.items():
+        raw[key] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _error(capsys, *argv) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_errors_before_submission(tmp_path, capsys, toy, monkeypatch):
+    for var in ("MCPT_STUDY_DIR", "MCPT_DATA_ROOT", "MCPT_CKPT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    study = _study_yaml(tmp_path / "study.yaml", study_dir=str(tmp_path / "runs"),
+                        data_root=str(tmp_path / "data"), checkpoint_root=str(tmp_path / "ckpts"))
+    s = str(study)
+    assert "unknown size '2b'" in _error(capsys, "launch", "grid", "--study", s, "--sizes", "2b")
+    assert "unknown domain 'finance'" in _error(capsys, "launch", "grid", "--study", s,
+                                                "--domains", "finance")
+    err = _error(capsys, "launch", "grid", "--study", s, "--sizes", "7b")
+    assert "pretrained checkpoint" in err and "qwen2.5-7b" in err
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "qwen2.5-7b").symlink_to(toy["pretrained"])  # any valid checkpoint
+    err = _error(capsys, "launch", "grid", "--study", s, "--sizes", "7b")
+    assert "data prefix" in err and "general_train" in err
+    assert not (tmp_path / "runs" / "launches.json").exists()  # nothing was submitted
+
+    # resource requests that cannot hold the size's TP x PP
+    bad = {"14b": {"model": "qwen2.5-14b", "tp": 8, "pp": 1, "nodes": 1}}
+    s2 = str(_study_yaml(tmp_path / "s2.yaml", sizes=bad,
+                         resources={"gpus_per_node": 4, "tasks_per_node": 4}))
+    assert "spans more than one 4-GPU node" in _error(capsys, "launch", "grid", "--study", s2,
+                                                      "--dry-run")
+    bad = {"7b": {"model": "qwen2.5-7b", "tp": 2, "pp": 1, "nodes": 1, "tasks_per_node": 3}}
+    s3 = str(_study_yaml(tmp_path / "s3.yaml", sizes=bad,
+                         resources={"gpus_per_node": 0, "tasks_per_node": 3}))
+    assert "not a multiple of TP x PP = 2" in _error(capsys, "launch", "render-sbatch",
+                                                     "--study", s3, "--out", str(tmp_path / "o"))
+    bad = {"7b": {"model": "qwen2.5-7b", "tp": 3, "pp": 1, "nodes": 1}}
+    s4 = str(_study_yaml(tmp_path / "s4.yaml", sizes=bad))
+    assert "TP=3" in _error(capsys, "launch", "grid", "--study", s4, "--dry-run")
+    s5 = str(_study_yaml(tmp_path / "s5.yaml", controls=["finance"]))
+    assert "controls" in _error(capsys, "launch", "grid", "--study", s5, "--dry-run")
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert main(["launch", "grid", "--study", str(REPO / "configs" / "study.yaml"), "--dry-run",
+                 "--sizes", "14b", "--domains", "medical", "control_medical"]) == 0
+    out = capsys.readouterr().out
+    assert "14b/medical" in out and "14b/control_medical" in out and "nothing submitted" in out
+    row = next(line for line in out.splitlines() if line.startswith("14b/medical"))
+    assert "4x1" in row and "2.000e+10" in row
+
+
+# ---------------------------------------------------------------- the real local cluster
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start (or reuse) the one-node cluster; fail, never skip, when it cannot start."""
+    try:
+        proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True,
+                              timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail("local SLURM cluster: `slurm/local/cluster.sh start` took over 15 minutes")
+    if proc.returncode != 0:
+        pytest.fail(f"local SLURM cluster did not start: {proc.stderr.strip()[-1500:]}")
+    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    os.environ["SLURM_CONF"] = conf
+    return conf
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, toy):
+    """Two tiny sizes (tiny-a at PP2, tiny-b at TP2) on the toy legal/general data."""
+    from megatron_cpt.training.toy import make_toy
+
+    root = tmp_path_factory.mktemp("slurm")
+    toy_b = root / "toy-b"
+    toy_b.mkdir()
+    shutil.copytree(toy["tokenizer"], toy_b / "tokenizer")  # same tokenizer = same data
+    b = make_toy(toy_b, model="tiny-b")
+    ckpts = root / "ckpts"
+    ckpts.mkdir()
+    (ckpts / "tiny-a").symlink_to(toy["pretrained"])
+    (ckpts / "tiny-b").symlink_to(b["pretrained"])
+    exams = [str(REPO / "eval" / "exams" / f"{e}.jsonl") for e in ("legal", "general")]
+    study = {
+        "name": "tiny-slurm", "train_config": str(REPO / "configs" / "train" / "tiny-cpu.yaml"),
+        "study_dir": str(root / "study"), "data_root": str(Path(toy["prefixes"]["legal_train"]).parent),
+        "checkpoint_root": str(ckpts), "domains": ["legal"], "general": True, "controls": [],
+        "budget": {"iterations": 40},
+        "sizes": {"tiny-a": {"model": "tiny-a", "tp": 1, "pp": 2, "nodes": 1, "tasks_per_node": 2,
+                             "time": "00:15:00", "signal_s": 30},
+                  "tiny-b": {"model": "tiny-b", "tp": 2, "pp": 1, "nodes": 1, "tasks_per_node": 2,
+                             "time": "00:15:00", "signal_s": 30}},
+        "resources": {"gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1, "mem": "2G",
+                      "max_requeues": 5},
+        "eval": {"enabled": True, "exams": exams, "num_fewshot": 0, "limit": 3, "batch_size": 8,
+                 "valid_sequences": 4, "time": "00:15:00", "gpus": 0, "cpus": 1, "mem": "2G"},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return {"path": path, "root": root}
+
+
+def _job(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                         text=True).stdout
+    return dict(t.split("=", 1) for t in out.split() if "=" in t)
+
+
+def _wait(job_id: str, timeout: float = 600) -> dict:
+    """Wait for a job to end. A requeued job waits out SLURM's requeue delay (BeginTime,
+    ~2 minutes); release it at once instead of sleeping through it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _job(job_id)
+        state = job.get("JobState", "")
+        if state in FINAL_STATES:
+            return job
+        if state == "PENDING" and job.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=False)
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {_job(job_id)}")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per iteration (the last record wins: iterations redone after a resume)."""
+    return {r["iteration"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
+
+
+def _sbatch(script: Path, study_dir: Path) -> str:
+    env = {**os.environ, "MCPT_PYTHON": sys.executable, "MCPT_REPO": str(REPO),
+           "MCPT_STUDY_DIR": str(study_dir)}
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                         env=env, cwd=study_dir.parent, check=True).stdout
+    return out.strip().split(";")[0]
+
+
+def _interrupt_mid_run(job_id: str, run_dir: Path, action: list[str], at_iteration: int = 12):
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [r["iteration"] for r in _records(run_dir) if r["kind"] == "train"]
+        if done and max(done) >= at_iteration:
+            subprocess.run(action + [job_id], check=True)
+            return max(done)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} never reached iteration {at_iteration}")
+
+
+def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
+    """The rendered script of a TP2 tiny cell: an uninterrupted run, then the same cell
+    requeued mid-run by `scontrol requeue` (SIGTERM) and by a signal ahead of the time limit
+    (SIGUSR1, as --signal sends it): both resume and reproduce the loss sequence exactly."""
+    root = tiny_study["root"]
+    study = StudyConfig.load(tiny_study["path"], use_env=False)
+    scripts = render_all(study, root / "scripts")
+    script = next(p for p in scripts if p.name == "cpt_tiny-b_legal.sh")
+    assert "--ntasks-per-node=2" in script.read_text()
+
+    ref_dir = root / "ref"
+    t0 = time.time()
+    job = _wait(_sbatch(script, ref_dir))
+    ref_s = time.time() - t0
+    run = ref_dir / "runs" / "tiny-b" / "legal"
+    assert job["JobState"] == "COMPLETED", (job, (root / f"slurm-cpt_tiny-b_legal-{job['JobId']}.out"))
+    assert json.loads((run / "exit_status.json").read_text())["code"] == 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000040"
+    reference = _losses(run)
+    assert sorted(reference) == list(range(1, 41))
+    assert any(r["kind"] == "valid" and r["prefix"] == "legal" for r in _records(run))
+
+    for name, action, signal_name in (("requeue", ["scontrol", "requeue"], "signal 15"),
+                                      ("usr1", ["scancel", "--signal=USR1"], "signal 10")):
+        study_dir = root / name
+        run = study_dir / "runs" / "tiny-b" / "legal"
+        job_id = _sbatch(script, study_dir)
+        hit = _interrupt_mid_run(job_id, run, action)
+        job = _wait(job_id)
+        assert job["JobState"] == "COMPLETED", job
+        assert int(job["Restarts"]) >= 1, job
+        events = [r for r in _records(run) if r["kind"] == "event"]
+        stops = [e for e in events if e["event"] == "stop"]
+        assert stops and stops[0]["details"] == signal_name, events
+        stop_it = stops[0]["iteration"]
+        assert stop_it >= hit, (stop_it, hit)
+        # saved at the stop step, so nothing since the signal is redone
+        assert any(e["event"] == "resume" and e["iteration"] == stop_it for e in events), events
+        assert _losses(run) == reference, f"{name}: resumed losses differ from the uninterrupted run"
+    print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
+
+
+def test_submitit_grid_and_status(slurm_cluster, tiny_study, capsys, monkeypatch):
+    """2 tiny sizes x 2 corpora through `launch grid` (job arrays + eval afterok) on the real
+    cluster; `launch status` then reports every cell done and evaluated."""
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(tiny_study["root"] / "grid"))
+    study = str(tiny_study["path"])
+    assert main(["launch", "grid", "--study", study]) == 0
+    grid = tiny_study["root"] / "grid"
+    launches = json.loads((grid / "launches.json").read_text())
+    assert sorted(launches) == ["tiny-a/general", "tiny-a/legal", "tiny-b/general", "tiny-b/legal"]
+    # one array per size: elements share the array's job id
+    assert launches["tiny-a/general"]["train_job"].split("_")[0] == \
+        launches["tiny-a/legal"]["train_job"].split("_")[0]
+    for entry in launches.values():
+        assert f"afterok:{entry['train_job']}" in _job(entry["eval_job"]).get("Dependency", "") or \
+            _job(entry["eval_job"]).get("JobState") in ("RUNNING", "COMPLETED")
+    for entry in launches.values():
+        assert _wait(entry["train_job"])["JobState"] == "COMPLETED"
+        assert _wait(entry["eval_job"])["JobState"] == "COMPLETED"
+    capsys.readouterr()
+    assert main(["launch", "status", "--study", study, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["state"] in ("COMPLETED", "DONE"), row
+        assert row["iteration"] == row["iterations"] == 40, row
+        assert row["checkpoint"] == "iter_0000040" and row["loss"] is not None, row
+        assert row["requeues"] == 0
+    study_json = json.loads((grid / "study.json").read_text())
+    assert {c["cell"] for c in study_json["cells"]} == {"general", "legal"}
+    for size, corpus in (("tiny-a", "general"), ("tiny-b", "legal")):
+        scored = sorted(p.name for p in (grid / "runs" / size / corpus / "eval").glob("*[0-9].json"))
+        assert scored[0] == "0000000.json" and "0000040.json" in scored, scored
+    assert main(["launch", "status", "--study", study]) == 0
+    assert "tiny-b/legal" in capsys.readouterr().out
