@@ -131,7 +131,7 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from eval.scoring import evaluate_checkpoint, write_json
+    from eval.scoring import evaluate_checkpoint, task_manager, write_json
 
     run_dir = Path(run_dir)
     cfg = read_run(run_dir)
@@ -142,10 +142,12 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
     seq_length = int(cfg.get("data", {}).get("seq_length", 1024))
     (run_dir / EVAL_DIR).mkdir(exist_ok=True)
     scored = []
+    manager = task_manager(tasks_dir, tasks) if points else None  # built once per run
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     for point in tqdm(points, desc="checkpoints", unit="ckpt", disable=not rank0):
         result = evaluate_checkpoint(point.ckpt, tasks_dir, tasks, tp=tp, pp=pp,
-                                     batch_size=batch_size, limit=limit, keep_model=True)
+                                     batch_size=batch_size, limit=limit, keep_model=True,
+                                     manager=manager)
         model, model_cfg, summary = result["model"], result["model_cfg"], result["summary"]
         valid = validation_losses(model, model_cfg, prefixes, seq_length, valid_sequences)
         if dist.get_rank() == 0:

@@ -6,21 +6,29 @@ import math
 from pathlib import Path
 
 
+def task_manager(tasks_dir: Path, tasks: list[str]):
+    """lm-eval's TaskManager for our exam tasks. Indexing lm-eval's own task catalogue takes
+    ~10 s per call, so it is only included when a task outside ours (``mcpt_*``) is asked for."""
+    from lm_eval.tasks import TaskManager
+
+    stock = any(not t.startswith("mcpt_") for t in tasks)
+    return TaskManager(include_path=str(tasks_dir), include_defaults=stock)
+
+
 def evaluate_checkpoint(ckpt: Path, tasks_dir: Path, tasks: list[str], tp: int = 1, pp: int = 1,
                         batch_size: int = 16, limit: int | None = None,
-                        keep_model: bool = False) -> dict | None:
+                        keep_model: bool = False, manager=None) -> dict | None:
     """Collective over TP*PP ranks. Returns ``{"metrics": {task: {...}}, "samples": {task:
     [per-question records]}}`` on global rank 0 (lm-eval reports on one process), else None.
     With ``keep_model``: ``{"model", "model_cfg", "summary"}`` on every rank, to reuse the
     loaded model (e.g. for validation perplexity)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from eval.native import MegatronCPTLM
 
     lm = MegatronCPTLM(str(ckpt), tp=tp, pp=pp, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(tasks_dir)),
+        model=lm, tasks=tasks, task_manager=manager or task_manager(tasks_dir, tasks),
         limit=limit, log_samples=True, bootstrap_iters=0, verbosity="WARNING")
     summary = summarize(out) if out is not None else None
     if keep_model:

@@ -35,7 +35,7 @@ def log(msg: str) -> None:
 
 def cli(*args: str, quiet: bool = True) -> None:
     """Run ``megatron-cpt ARGS`` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "megatron_cpt", *args], env=env, text=True,
                           capture_output=quiet)
     if proc.returncode != 0:
@@ -86,31 +86,42 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     log("tokenized: " + ", ".join(f"{n} {len(files[n])} docs/{sizes[n]} tok" for n in files))
 
 
-def base_models(out: Path, models: list[str]) -> None:
+def base_model(out: Path, model: str, seed: int) -> str:
     """Random init -> brief general pretraining -> HF "base model" -> Megatron checkpoint."""
     from megatron_cpt.tiny import make_hf_model
 
-    data = out / "data"
-    for seed, model in enumerate(models):
-        make_hf_model(out / "base" / f"{model}-random-hf", model, seed=seed,
-                      tokenizer_dir=out / "tokenizer")
-        cli("convert", "hf-to-mcore", "--hf", str(out / "base" / f"{model}-random-hf"),
-            "--out", str(out / "base" / f"{model}-random"), "--force")
-        run = out / "base" / f"{model}-pretrain"
-        cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run}",
-            f"model.pretrained={out / 'base' / f'{model}-random'}",
-            f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
-            f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
-            f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
-        losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        valid = [r["loss"] for r in losses if r["kind"] == "valid"]
-        latest = (run / "checkpoints" / "latest").read_text().strip()
-        cli("convert", "mcore-to-hf", "--ckpt", str(run / "checkpoints" / latest),
-            "--out", str(out / "base" / f"{model}-hf"), "--force")
-        cli("convert", "hf-to-mcore", "--hf", str(out / "base" / f"{model}-hf"),
-            "--out", str(out / "checkpoints" / model), "--name", model, "--force")
-        log(f"base model {model}: {BASE_ITERATIONS} iterations of general text, "
-            f"general valid loss {valid[-1]:.3f}; converted to {out / 'checkpoints' / model}")
+    data, base = out / "data", out / "base"
+    make_hf_model(base / f"{model}-random-hf", model, seed=seed, tokenizer_dir=out / "tokenizer")
+    cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-random-hf"),
+        "--out", str(base / f"{model}-random"), "--force")
+    run = base / f"{model}-pretrain"
+    cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run}",
+        f"model.pretrained={base / f'{model}-random'}",
+        f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
+        f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
+        f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["loss"] for r in records if r["kind"] == "valid"]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    cli("convert", "mcore-to-hf", "--ckpt", str(run / "checkpoints" / latest),
+        "--out", str(base / f"{model}-hf"), "--force")
+    cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-hf"),
+        "--out", str(out / "checkpoints" / model), "--name", model, "--force")
+    return (f"base model {model}: {BASE_ITERATIONS} iterations of general text, general valid "
+            f"loss {valid[-1]:.3f}; published as {base / f'{model}-hf'}, converted to "
+            f"{out / 'checkpoints' / model}")
+
+
+def base_models(out: Path, models: list[str]) -> None:
+    """One base model per size, built side by side (each step is one process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for line in pool.map(lambda a: base_model(out, *a), [(m, i) for i, m in enumerate(models)]):
+            log(line)
 
 
 def slurm_available() -> bool:

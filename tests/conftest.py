@@ -95,3 +95,21 @@ def toy(tmp_path_factory):
     from megatron_cpt.training.toy import make_toy
 
     return make_toy(tmp_path_factory.getbasetemp() / "toy")
+
+
+SLURM_CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start (or reuse) the one-node cluster; fail, never skip, when it cannot start."""
+    try:
+        proc = subprocess.run(["bash", str(SLURM_CLUSTER), "start"], capture_output=True, text=True,
+                              timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail("local SLURM cluster: `slurm/local/cluster.sh start` took over 15 minutes")
+    if proc.returncode != 0:
+        pytest.fail(f"local SLURM cluster did not start: {proc.stderr.strip()[-1500:]}")
+    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    os.environ["SLURM_CONF"] = conf
+    return conf

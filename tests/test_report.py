@@ -271,3 +271,21 @@ def test_bootstrap_ci_coverage_of_true_exponent():
         lo, hi = fit["b_ci"]
         covered += lo <= true_b <= hi
     assert covered >= 90, covered
+
+
+def test_sger_on_domain_validation_loss_hand_computed(report):
+    """SGER on valid.legal.loss (lower is better): 1b general's lowest legal loss 2.7 at 4e15;
+    the legal run crosses 2.7 between 3.0 @ 0 and 2.5 @ 0.5e15 -> 0.3e15 -> 13.33. Control
+    (2.85 @ 4e15) is crossed at 0.15e15 -> 26.67. 4b: 2.5 @ 8e15 vs 2.8 @ 0 .. 2.4 @ 1e15 ->
+    0.75e15 -> 10.67; power law over 1b, 4b: b = ln(0.8)/ln(4)."""
+    _, _, r = report
+    c1, c4 = r["cells"]["1b/legal"], r["cells"]["4b/legal"]
+    assert c1["sger_domain_loss"]["flag"] == "ok"
+    assert c1["sger_domain_loss"]["target_valid_loss"] == pytest.approx(2.7)
+    assert c1["sger_domain_loss"]["specialized_flops"] == pytest.approx(0.3e15)
+    assert c1["sger_domain_loss"]["value"] == pytest.approx(40 / 3)
+    assert c1["sger_domain_loss_control"]["value"] == pytest.approx(80 / 3)
+    assert c4["sger_domain_loss"]["value"] == pytest.approx(8 / 0.75)
+    fit = r["fits"]["legal"]["sger_domain_loss"]
+    assert fit["b"] == pytest.approx(math.log(0.8) / math.log(4))
+    assert fit["a_ci"] is None and "not resampled" in fit["ci_note"]

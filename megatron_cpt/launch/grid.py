@@ -216,7 +216,7 @@ def _run_local(study, cell, train_ex, folder, evaluate, launches, log) -> None:
     while True:
         job = train_ex.submit(train_job(cell))
         log(f"{cell.name:<24} local job {job.job_id} (restart {restarts})")
-        result = job.result()
+        result = job.results()[0]  # one result per task; rank 0's speaks for the cell
         if result["exit_code"] == 0:
             break
         restarts += 1

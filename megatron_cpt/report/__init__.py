@@ -22,6 +22,9 @@ DEFINITIONS = {
                   "(unbounded, null); general_no_improvement: general best is at 0 FLOPs "
                   "(undefined, null); no_data",
     "sger_control": "same with the control_D run in place of the general run",
+    "sger_domain_loss": "SGER on valid.<D>.loss: the general run's lowest domain validation "
+                        "loss and the compute the specialized run needs to first get that low "
+                        "(same interpolation and flags; point estimate, no bootstrap)",
     "forgetting": "specialized minus general at equal compute (specialized checkpoints' FLOPs "
                   "within the general run's range, general linearly interpolated, base "
                   "excluded) of valid.general.loss and of general exam TEST acc",

@@ -154,6 +154,18 @@ def sger(ref: Run, spec: Run, exam: str) -> dict:
             "specialized_flops": _num(r["c_spec"]), "note": notes.get(flag)}
 
 
+def sger_domain_loss(ref: Run, spec: Run, domain: str) -> dict:
+    """SGER measured on the domain validation loss instead of the exam: the reference's lowest
+    ``valid.<domain>.loss`` and the compute the specialized run needs to first get that low
+    (same interpolation and flags). Readable where exams are too small or the models too weak
+    to move exam accuracy (the toy demo); no bootstrap (it is not a per-question quantity)."""
+    r = sger_arrays(ref.flops, -ref.valid(domain), spec.flops, -spec.valid(domain))
+    flag = FLAGS[int(r["flag"])]
+    return {"value": _num(r["value"]), "flag": flag, "bound": _num(r["bound"]),
+            "target_valid_loss": _num(-r["target"]) if r["target"] is not None else None,
+            "reference_flops": _num(r["c_ref"]), "specialized_flops": _num(r["c_spec"])}
+
+
 def _compare(spec: Run, ref: Run, fn) -> dict:
     f, s, g = at_equal_compute(spec.flops, fn(spec), ref.flops, fn(ref))
     d = [a - b for a, b in zip(s, g)]
@@ -200,6 +212,10 @@ def analyze_cell(study: Study, size: str, domain: str) -> dict:
     out["sger"] = sger(gen, spec, domain) if "specialized" in present and "general" in present \
         else None
     out["sger_control"] = sger(ctrl, spec, domain) \
+        if "specialized" in present and "control" in present else None
+    out["sger_domain_loss"] = sger_domain_loss(gen, spec, domain) \
+        if "specialized" in present and "general" in present else None
+    out["sger_domain_loss_control"] = sger_domain_loss(ctrl, spec, domain) \
         if "specialized" in present and "control" in present else None
     if "specialized" in present and "general" in present:
         out["forgetting_at_equal_compute"] = forgetting(spec, gen)

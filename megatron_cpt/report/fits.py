@@ -122,7 +122,8 @@ def summarize_replicates(rep: CellReplicates | None) -> dict:
 
 
 def fit_quantity(params: list[float], point: list[float | None],
-                 reps: list[np.ndarray | None]) -> dict:
+                 reps: list[np.ndarray | None], no_ci_reason: str = "no bootstrap "
+                 "(per-question records missing)") -> dict:
     """Power law of one quantity over sizes: point fit plus bootstrap CI of a and b.
     Sizes with an undefined point value (or unknown params) are left out of the fit."""
     use = [i for i, (n, y) in enumerate(zip(params, point))
@@ -136,7 +137,8 @@ def fit_quantity(params: list[float], point: list[float | None],
     a, b = power_law(n, np.array([point[i] for i in use]))
     res.update(a=float(a), b=float(b))
     if len(use) == 2:
-        res["note"] = "2 sizes: the fit is exact; the CI comes from the bootstrap"
+        res["note"] = "2 sizes: the fit is exact" + (
+            "; the CI comes from the bootstrap" if all(reps[i] is not None for i in use) else "")
     if all(reps[i] is not None for i in use):
         ra, rb = power_law(n, np.stack([reps[i] for i in use], axis=-1))
         res["a_ci"], frac = percentile_ci(ra)
@@ -144,7 +146,7 @@ def fit_quantity(params: list[float], point: list[float | None],
         res["replicates_defined_fraction"] = frac
     else:
         res["a_ci"] = res["b_ci"] = None
-        res["ci_note"] = "no bootstrap (per-question records missing)"
+        res["ci_note"] = no_ci_reason
     return res
 
 
@@ -172,6 +174,9 @@ def fit_domain(study: Study, cells: dict[str, dict], reps: dict[str, CellReplica
         out["sger_control"] = fit_quantity(
             params, [val(cells[f"{s}/{domain}"], "sger_control", "value") for s in sizes],
             [rep_of(s, lambda r: r.sger_control) for s in sizes])
+    out["sger_domain_loss"] = fit_quantity(
+        params, [val(cells[f"{s}/{domain}"], "sger_domain_loss", "value") for s in sizes],
+        [None for _ in sizes], no_ci_reason="no CI: validation loss is not resampled")
     for k in ("specialized", "general"):
         out[f"compute_to_best_{k}"] = fit_quantity(
             params, [val(cells[f"{s}/{domain}"], "compute_to_best", k, "flops") for s in sizes],

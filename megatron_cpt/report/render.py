@@ -53,6 +53,7 @@ def summary_rows(results: dict) -> list[list[str]]:
             _acc(sp.get("test_acc")), _e(sp.get("flops")), _acc(ge.get("test_acc")),
             _sger_cell(c.get("sger"), _dig(c, "bootstrap", "sger", "ci")),
             _sger_cell(c.get("sger_control"), _dig(c, "bootstrap", "sger_control", "ci")),
+            _sger_cell(c.get("sger_domain_loss"), None),
             _e(_dig(f, "general_valid_loss", "delta_at_max_common_flops"), "{:+.3f}"),
             _e(_dig(f, "general_exam_test_acc", "delta_at_max_common_flops"), "{:+.3f}"),
             "-" if not dl or dl["mean_delta"] is None else
@@ -63,7 +64,7 @@ def summary_rows(results: dict) -> list[list[str]]:
 
 SUMMARY_HEAD = ["size", "domain", "base test acc", "best test acc (spec.)",
                 "FLOPs to best (spec.)", "best test acc (general)", "SGER [95% CI]",
-                "SGER vs control", "Δ general loss", "Δ general test acc",
+                "SGER vs control", "SGER (domain loss)", "Δ general loss", "Δ general test acc",
                 "Δ domain loss (spec. − general)"]
 
 
@@ -132,6 +133,13 @@ def to_markdown(results: dict) -> str:
                            f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
                            f"{_e(s['specialized_flops'])} FLOPs"
                            + (f". {s['note']}" if s.get("note") else ""))
+        for name in ("sger_domain_loss", "sger_domain_loss_control"):
+            s = c.get(name)
+            if s:
+                out.append(f"- {name}: {_sger_cell(s, None)}; target {c['domain']} valid loss "
+                           f"{_e(s['target_valid_loss'], '{:.4f}')} reached by the reference at "
+                           f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
+                           f"{_e(s['specialized_flops'])} FLOPs")
         f = c.get("forgetting_at_equal_compute")
         if f:
             gl, ga = f["general_valid_loss"], f["general_exam_test_acc"]
