@@ -54,6 +54,7 @@ export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 echo "[$(date -u +%FT%TZ)] cpt_3b_accounting: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST -> $RUN_DIR"
 
+rm -f "$RUN_DIR/exit_status.json"
 srun --kill-on-bad-exit=1 ${CONTAINER[@]+"${CONTAINER[@]}"} \
   "$PYTHON" -m megatron_cpt train --config "$REPO/configs/train/study-base.yaml" \
     "run_dir=$RUN_DIR" \
@@ -64,8 +65,12 @@ srun --kill-on-bad-exit=1 ${CONTAINER[@]+"${CONTAINER[@]}"} \
     "parallel.pp=1" \
     "budget.tokens=20000000000"
 rc=$?
+# The trainer's own verdict (rank 0 writes it before the ranks leave together): srun's code can
+# be a kill, because --kill-on-bad-exit stops the slower ranks once one has exited 42.
+code="$(sed -n 's/.*"code": *\([0-9]*\).*/\1/p' "$RUN_DIR/exit_status.json" 2>/dev/null)"
+code="${code:-$rc}"
 
-if [ "$rc" -eq 42 ]; then
+if [ "$code" -eq 42 ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "cpt_3b_accounting: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
     exit 1
@@ -74,4 +79,4 @@ if [ "$rc" -eq 42 ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
-exit "$rc"
+exit "$code"

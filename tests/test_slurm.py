@@ -174,7 +174,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _sbatch(script: Path, study_dir: Path) -> str:
     env = {**os.environ, "MCPT_PYTHON": sys.executable, "MCPT_REPO": str(REPO),
-           "MCPT_STUDY_DIR": str(study_dir)}
+           "MCPT_STUDY_DIR": str(study_dir), "SBATCH_PARTITION": "debug"}  # the overrides users set
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          env=env, cwd=study_dir.parent, check=True).stdout
     return out.strip().split(";")[0]
@@ -207,6 +207,7 @@ def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
     ref_s = time.time() - t0
     run = ref_dir / "runs" / "tiny-b" / "legal"
     assert job["JobState"] == "COMPLETED", (job, (root / f"slurm-cpt_tiny-b_legal-{job['JobId']}.out"))
+    assert job["Partition"] == "debug"
     assert json.loads((run / "exit_status.json").read_text())["code"] == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000040"
     reference = _losses(run)

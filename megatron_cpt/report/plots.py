@@ -78,22 +78,27 @@ def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
 
 
 def sger_vs_size(study: Study, cells: dict, out: Path) -> Path | None:
-    """SGER per domain vs parameters with bootstrap CI error bars (log axes)."""
+    """SGER per domain vs parameters (log axes): on the exam with bootstrap CI error bars
+    (solid), on the domain validation loss as a point estimate (dashed)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     drawn = False
-    for d in study.domains:
-        xs, ys, lo, hi = [], [], [], []
-        for s, n in study.sizes.items():
-            c = cells.get(f"{s}/{d}")
-            v = (c or {}).get("sger") or {}
-            if n and v.get("value"):
-                ci = (((c.get("bootstrap") or {}).get("sger") or {}).get("ci")) or [v["value"]] * 2
-                xs.append(n), ys.append(v["value"])
-                lo.append(max(v["value"] - ci[0], 0)), hi.append(max(ci[1] - v["value"], 0))
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=d)
-            drawn = True
+    for i, d in enumerate(study.domains):
+        color = f"C{i}"
+        for key, style, label in (("sger", "-", f"{d} (exam)"),
+                                  ("sger_domain_loss", "--", f"{d} (domain loss)")):
+            xs, ys, lo, hi = [], [], [], []
+            for s, n in study.sizes.items():
+                c = cells.get(f"{s}/{d}")
+                v = (c or {}).get(key) or {}
+                if n and v.get("value"):
+                    ci = (((c.get("bootstrap") or {}).get(key) or {}).get("ci")) or [v["value"]] * 2
+                    xs.append(n), ys.append(v["value"])
+                    lo.append(max(v["value"] - ci[0], 0)), hi.append(max(ci[1] - v["value"], 0))
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ls=style, color=color, capsize=3,
+                            label=label)
+                drawn = True
     if not drawn:
         plt.close(fig)
         return None
@@ -101,7 +106,7 @@ def sger_vs_size(study: Study, cells: dict, out: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(xlabel="parameters", ylabel="SGER (general / specialized compute)",
-           title="SGER vs model size (95% bootstrap CI)")
+           title="SGER vs model size (exam: 95% bootstrap CI)")
     _legend(ax)
     return _save(fig, out / "sger_vs_size.png")
 
