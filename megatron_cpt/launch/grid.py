@@ -62,7 +62,8 @@ class TrainCell:
                 if restarts >= self.max_requeues:
                     raise RuntimeError(f"{self.cell}: stopped early again after {restarts} requeues")
                 print(f"{self.cell}: checkpoint saved, requeueing job {job.job_id}", flush=True)
-                subprocess.check_call(["scontrol", "requeue", job.job_id], timeout=60)
+                # fails harmlessly when SLURM is already requeueing it (preemption)
+                subprocess.run(["scontrol", "requeue", job.job_id], timeout=60)
             # SLURM now stops this job and starts it again; returning would record a result
             time.sleep(3600)
         if code not in (0, EXIT_REQUEUE):
