@@ -251,3 +251,23 @@ def test_local_executor_requeues_in_place(tiny_study, capsys, monkeypatch):
     assert main(["launch", "status", "--study", str(path), "--json"]) == 0
     row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-a/legal")
     assert row["state"] == "DONE" and row["iteration"] == 40 and row["requeues"] == 2, row
+
+
+def test_submitit_cell_requeues_the_same_job(slurm_cluster, tiny_study, capsys, monkeypatch):
+    """`launch grid` on SLURM: a cell that stops early with exit 42 (here every 15 iterations)
+    is requeued by its TrainCell as the same job id (so an `afterok` evaluation would still
+    wait for it) and resumes until its budget is spent."""
+    raw = yaml.safe_load(tiny_study["path"].read_text())
+    raw["sizes"] = {"tiny-a": {**raw["sizes"]["tiny-a"],
+                               "overrides": ["train.stop_after_iterations=15"]}}
+    path = tiny_study["root"] / "study-requeue.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(tiny_study["root"] / "grid-requeue"))
+    assert main(["launch", "grid", "--study", str(path), "--domains", "legal", "--no-eval"]) == 0
+    launches = json.loads((tiny_study["root"] / "grid-requeue" / "launches.json").read_text())
+    job = _wait(launches["tiny-a/legal"]["train_job"])
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", job
+    capsys.readouterr()
+    assert main(["launch", "status", "--study", str(path), "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-a/legal")
+    assert row["state"] == "COMPLETED" and row["iteration"] == 40 and row["requeues"] == 2, row
