@@ -251,6 +251,12 @@ def test_local_executor_requeues_in_place(tiny_study, capsys, monkeypatch):
     assert main(["launch", "status", "--study", str(path), "--json"]) == 0
     row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-a/legal")
     assert row["state"] == "DONE" and row["iteration"] == 40 and row["requeues"] == 2, row
+    # launching the grid again submits nothing for a finished cell
+    assert main(["launch", "grid", "--study", str(path), "--executor", "local",
+                 "--domains", "legal", "--no-eval"]) == 0
+    assert "tiny-a/legal             not submitted: done" in capsys.readouterr().out
+    again = json.loads((tiny_study["root"] / "local" / "launches.json").read_text())
+    assert again == launches
 
 
 def test_submitit_cell_requeues_the_same_job(slurm_cluster, tiny_study, capsys, monkeypatch):
@@ -265,6 +271,11 @@ def test_submitit_cell_requeues_the_same_job(slurm_cluster, tiny_study, capsys, 
     monkeypatch.setenv("MCPT_STUDY_DIR", str(tiny_study["root"] / "grid-requeue"))
     assert main(["launch", "grid", "--study", str(path), "--domains", "legal", "--no-eval"]) == 0
     launches = json.loads((tiny_study["root"] / "grid-requeue" / "launches.json").read_text())
+    # a second launch while the cell is queued or running must not start a second job on
+    # the same run folder
+    capsys.readouterr()
+    assert main(["launch", "grid", "--study", str(path), "--domains", "legal", "--no-eval"]) == 0
+    assert f"not submitted: job {launches['tiny-a/legal']['train_job']} is" in capsys.readouterr().out
     job = _wait(launches["tiny-a/legal"]["train_job"])
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", job
     capsys.readouterr()

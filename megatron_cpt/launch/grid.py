@@ -168,10 +168,40 @@ def _executor(study: StudyConfig, kind: str, folder: Path, name: str, *, nodes: 
     return ex
 
 
+# SLURM states of a job that still owns its run folder
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def _unscored(cell: Cell) -> int:
+    """Checkpoints (and the base model) of a run without an evaluation result yet."""
+    from eval.run import result_path, scored_points
+
+    return sum(not result_path(cell.run_dir, p.iteration).is_file()
+               for p in scored_points(cell.run_dir))
+
+
+def _already(cell: Cell, launches: dict) -> str | None:
+    """Why a cell must not be submitted again: its job is still queued or running (two jobs
+    on one run folder would corrupt it), or its run is done."""
+    from megatron_cpt.launch.status import run_progress, slurm_job
+
+    job_id = (launches.get(cell.name) or {}).get("train_job")
+    state = slurm_job(job_id).get("JobState", "")
+    if state in ACTIVE_STATES:
+        return f"job {job_id} is {state}"
+    exit_status = run_progress(cell.run_dir)["exit"]
+    if exit_status and exit_status["code"] == 0:
+        return "done"
+    return None
+
+
 def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
                 evaluate: bool = True, log=print) -> dict:
     """Check every cell, then submit. ``kind``: slurm (arrays + afterok, returns at once) or
-    local (cells one after another on this machine, requeued in place; returns when done)."""
+    local (cells one after another on this machine, requeued in place; returns when done).
+    Rerunning it submits only what is missing: cells whose job is still queued or running are
+    left alone, finished cells only get an evaluation job when checkpoints are unscored."""
     for cell in cells:
         check_resources(cell)
         check_inputs(cell)
@@ -179,10 +209,24 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
     launches_path = study.study_dir / "launches.json"
     launches = json.loads(launches_path.read_text()) if launches_path.is_file() else {}
     evaluate = evaluate and study.eval.enabled
+    ev = study.eval
     by_size: dict[str, list[Cell]] = {}
     for cell in cells:
-        by_size.setdefault(cell.size.name, []).append(cell)
-    ev = study.eval
+        reason = _already(cell, launches)
+        if reason is None:
+            by_size.setdefault(cell.size.name, []).append(cell)
+            continue
+        log(f"{cell.name:<24} not submitted: {reason}")
+        if reason == "done" and evaluate and _unscored(cell):
+            folder = study.study_dir / "submitit" / cell.size.name
+            eval_ex = _executor(study, kind, folder, f"eval_{cell.size.name}", nodes=1, tasks=1,
+                                gpus=min(ev.gpus, study.resources.gpus_per_node), cpus=ev.cpus,
+                                time_str=ev.time, mem=ev.mem or study.resources.mem, signal_s=60)
+            job = eval_ex.submit(eval_job(cell))
+            launches.setdefault(cell.name, {})["eval_job"] = job.job_id
+            log(f"{cell.name:<24} eval job {job.job_id} (unscored checkpoints)")
+            if kind == "local":
+                job.result()
     for size, group in by_size.items():
         spec = group[0].size
         folder = study.study_dir / "submitit" / size
