@@ -97,7 +97,6 @@ def _score(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import torch.distributed as dist
 
     from eval.scoring import evaluate_checkpoint, write_json
     from megatron_cpt.runtime import shutdown

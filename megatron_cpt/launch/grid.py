@@ -168,6 +168,15 @@ def _executor(study: StudyConfig, kind: str, folder: Path, name: str, *, nodes: 
     return ex
 
 
+def _eval_executor(study: StudyConfig, kind: str, size: str, dependency: str | None = None):
+    """One task on one GPU (or CPU) for `eval run`, optionally after a training job."""
+    ev, res = study.eval, study.resources
+    gpus = min(ev.gpus, res.gpus_per_node) if kind == "slurm" else 0
+    return _executor(study, kind, study.study_dir / "submitit" / size, f"eval_{size}", nodes=1,
+                     tasks=1, gpus=gpus, cpus=ev.cpus, time_str=ev.time, mem=ev.mem or res.mem,
+                     signal_s=60, dependency=dependency)
+
+
 # SLURM states of a job that still owns its run folder
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                  "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
@@ -209,7 +218,6 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
     launches_path = study.study_dir / "launches.json"
     launches = json.loads(launches_path.read_text()) if launches_path.is_file() else {}
     evaluate = evaluate and study.eval.enabled
-    ev = study.eval
     by_size: dict[str, list[Cell]] = {}
     for cell in cells:
         reason = _already(cell, launches)
@@ -218,11 +226,7 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
             continue
         log(f"{cell.name:<24} not submitted: {reason}")
         if reason == "done" and evaluate and _unscored(cell):
-            folder = study.study_dir / "submitit" / cell.size.name
-            eval_ex = _executor(study, kind, folder, f"eval_{cell.size.name}", nodes=1, tasks=1,
-                                gpus=min(ev.gpus, study.resources.gpus_per_node), cpus=ev.cpus,
-                                time_str=ev.time, mem=ev.mem or study.resources.mem, signal_s=60)
-            job = eval_ex.submit(eval_job(cell))
+            job = _eval_executor(study, kind, cell.size.name).submit(eval_job(cell))
             launches.setdefault(cell.name, {})["eval_job"] = job.job_id
             log(f"{cell.name:<24} eval job {job.job_id} (unscored checkpoints)")
             if kind == "local":
@@ -236,17 +240,14 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
                              mem=study.resources.mem, signal_s=spec.signal_s)
         if kind == "local":
             for cell in group:
-                _run_local(study, cell, train_ex, folder, evaluate, launches, log)
+                _run_local(study, cell, train_ex, evaluate, launches, log)
             continue
         with train_ex.batch():
             jobs = [train_ex.submit(train_job(cell)) for cell in group]
         for cell, job in zip(group, jobs):
             entry = {"train_job": job.job_id, "submitted": time.time(), "executor": kind}
             if evaluate:
-                eval_ex = _executor(study, kind, folder, f"eval_{size}", nodes=1, tasks=1,
-                                    gpus=min(ev.gpus, study.resources.gpus_per_node),
-                                    cpus=ev.cpus, time_str=ev.time, mem=ev.mem or study.resources.mem,
-                                    signal_s=60, dependency=f"afterok:{job.job_id}")
+                eval_ex = _eval_executor(study, kind, size, dependency=f"afterok:{job.job_id}")
                 entry["eval_job"] = eval_ex.submit(eval_job(cell)).job_id
             launches[cell.name] = entry
             log(f"{cell.name:<24} train job {entry['train_job']}"
@@ -255,7 +256,7 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
     return launches
 
 
-def _run_local(study, cell, train_ex, folder, evaluate, launches, log) -> None:
+def _run_local(study, cell, train_ex, evaluate, launches, log) -> None:
     """Without SLURM: run the cell, requeue it in place while it exits 42, then evaluate."""
     restarts = 0
     while True:
@@ -270,10 +271,7 @@ def _run_local(study, cell, train_ex, folder, evaluate, launches, log) -> None:
     launches[cell.name] = {"train_job": job.job_id, "executor": "local", "restarts": restarts,
                            "finished": time.time()}
     if evaluate:
-        ev = study.eval
-        eval_ex = _executor(study, "local", folder, f"eval_{cell.size.name}", nodes=1, tasks=1,
-                            gpus=0, cpus=ev.cpus, time_str=ev.time, mem=None, signal_s=60)
-        job = eval_ex.submit(eval_job(cell))
+        job = _eval_executor(study, "local", cell.size.name).submit(eval_job(cell))
         job.result()
         launches[cell.name]["eval_job"] = job.job_id
         log(f"{cell.name:<24} evaluated (local job {job.job_id})")
