@@ -289,3 +289,11 @@ def test_sger_on_domain_validation_loss_hand_computed(report):
     fit = r["fits"]["legal"]["sger_domain_loss"]
     assert fit["b"] == pytest.approx(math.log(0.8) / math.log(4))
     assert fit["a_ci"] is None and "not resampled" in fit["ci_note"]
+
+
+def test_sizes_order_by_parameters_else_by_name():
+    from megatron_cpt.report.load import size_key
+
+    names = ["14b", "tiny-a", "1.5b", "500m", "7b"]
+    assert sorted(names, key=lambda s: size_key(s, None)) == ["500m", "1.5b", "7b", "14b", "tiny-a"]
+    assert size_key("tiny-a", 6e5) < size_key("tiny-b", 9e5) < size_key("1.5b", None)

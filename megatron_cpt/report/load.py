@@ -103,14 +103,11 @@ def size_key(size: str, params: float | None) -> tuple:
     """Order sizes by parameters, else by the number in the name (``500m`` < ``1.5b``)."""
     if params:
         return (0, float(params), size)
-    m = re.match(r"^\s*([\d.]+)\s*([kmbt]?)", size.lower())
-    if m:
-        try:
-            scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
-            return (0, float(m.group(1)) * scale, size)
-        except ValueError:
-            pass
-    return (1, 0.0, size)
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)", size.lower())
+    if m is None:  # no number in the name: after every sized one, by name
+        return (1, 0.0, size)
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
+    return (0, float(m.group(1)) * scale, size)
 
 
 def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
