@@ -49,7 +49,8 @@ def read_metadata(ckpt: Path) -> dict[str, Any]:
 
 def read_model_config(ckpt: Path) -> ModelConfig:
     read_metadata(ckpt)
-    return ModelConfig.load(Path(ckpt) / MODEL_YAML)
+    # seq_length: written by checkpoints made before ModelConfig dropped it (it was never read)
+    return ModelConfig.load(Path(ckpt) / MODEL_YAML, retired=("seq_length",))
 
 
 def export_dtype(meta: dict[str, Any], requested: str | None) -> str:

@@ -8,13 +8,12 @@ same variables the sbatch scripts read), so a cluster can relocate everything wi
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
-
+from megatron_cpt.config_loader import build, read_yaml
 from megatron_cpt.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +63,24 @@ class EvalSpec:
 
 
 @dataclass
+class _StudyFile:
+    """The keys of a study YAML as written (paths unresolved); StudyConfig.load resolves them."""
+
+    train_config: str = ""
+    sizes: dict[str, Any] = field(default_factory=dict)  # each built as a SizeSpec
+    domains: list[str] = field(default_factory=list)
+    name: str = ""
+    study_dir: str = "runs/study"
+    data_root: str = "data/tokenized"
+    checkpoint_root: str = "checkpoints"
+    general: bool = True
+    controls: list[str] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
 class StudyConfig:
     name: str
     path: Path                     # the YAML it was read from
@@ -96,15 +113,11 @@ class StudyConfig:
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"study file {path} not found; pass --study configs/study.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
-        known = {"name", "train_config", "study_dir", "data_root", "checkpoint_root", "domains",
-                 "general", "controls", "budget", "sizes", "resources", "eval"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise UsageError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        doc = read_yaml(path, "study")
+        raw = build(_StudyFile, doc.data, doc)
         for key in ("train_config", "sizes", "domains"):
-            if not raw.get(key):
-                raise UsageError(f"{path}: `{key}:` is required")
+            if not getattr(raw, key):
+                raise doc.error((key,), f"`{key}:` is required")
         base = path.resolve().parent
 
         def res(value: str | None, env: str | None = None) -> Path:
@@ -114,27 +127,24 @@ class StudyConfig:
             return p if p.is_absolute() else (base / p).resolve()
 
         sizes = {}
-        for name, spec in raw["sizes"].items():
-            spec = dict(spec or {})
-            spec.setdefault("model", name)
-            sizes[str(name)] = _typed(SizeSpec, {"name": str(name), **spec}, f"{path}: sizes.{name}")
-        controls = raw.get("controls") or []
-        if bad := [c for c in controls if c not in raw["domains"]]:
-            raise UsageError(f"{path}: controls {bad} are not in domains {raw['domains']}")
+        for name, spec in raw.sizes.items():
+            if not isinstance(spec, (dict, type(None))):
+                raise doc.error(("sizes", name), f"sizes.{name} must be a mapping, got {spec!r}")
+            spec = {"name": str(name), "model": str(name), **(spec or {})}
+            sizes[str(name)] = build(SizeSpec, spec, doc, ("sizes", name))
+        if bad := [c for c in raw.controls if c not in raw.domains]:
+            raise doc.error(("controls",), f"controls {bad} are not in domains {raw.domains}")
         study = cls(
-            name=raw.get("name", path.stem), path=path.resolve(),
-            train_config=res(raw["train_config"]),
-            study_dir=res(raw.get("study_dir", "runs/study"), ENV_ROOTS["study_dir"]),
-            data_root=res(raw.get("data_root", "data/tokenized"), ENV_ROOTS["data_root"]),
-            checkpoint_root=res(raw.get("checkpoint_root", "checkpoints"), ENV_ROOTS["checkpoint_root"]),
-            domains=list(raw["domains"]), general=bool(raw.get("general", True)),
-            controls=list(controls), budget=dict(raw.get("budget") or {}), sizes=sizes,
-            resources=_typed(Resources, raw.get("resources") or {}, f"{path}: resources"),
-            eval=_typed(EvalSpec, raw.get("eval") or {}, f"{path}: eval"),
+            name=raw.name or path.stem, path=path.resolve(), train_config=res(raw.train_config),
+            study_dir=res(raw.study_dir, ENV_ROOTS["study_dir"]),
+            data_root=res(raw.data_root, ENV_ROOTS["data_root"]),
+            checkpoint_root=res(raw.checkpoint_root, ENV_ROOTS["checkpoint_root"]),
+            domains=raw.domains, general=raw.general, controls=raw.controls, budget=raw.budget,
+            sizes=sizes, resources=raw.resources, eval=raw.eval,
         )
         study.eval.exams = [str(res(e)) for e in study.eval.exams]
         if not study.train_config.is_file():
-            raise UsageError(f"{path}: train_config {study.train_config} not found")
+            raise doc.error(("train_config",), f"train_config {study.train_config} not found")
         return study
 
     def cells(self, sizes: list[str] | None = None, corpora: list[str] | None = None) -> list["Cell"]:
@@ -153,14 +163,6 @@ def _number(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
-
-
-def _typed(cls, raw: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**raw)
 
 
 @dataclass

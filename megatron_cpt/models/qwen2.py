@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megatron_cpt.config_loader import YamlDoc, build, read_yaml
 from megatron_cpt.errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -37,7 +38,6 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     rotary_base: float = 1_000_000.0
     norm_eps: float = 1e-6
-    seq_length: int = 4096
     # Megatron pads embedding rows to a multiple of this; Qwen2.5's HF rows already are,
     # so the padded size equals the HF row count (never derive it from the tokenizer size).
     make_vocab_size_divisible_by: int = 128
@@ -84,23 +84,24 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UsageError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], doc: YamlDoc | None = None) -> "ModelConfig":
+        return build(cls, data, doc)
 
     @classmethod
-    def load(cls, name_or_path: str | Path) -> "ModelConfig":
-        """Load ``configs/models/<name>.yaml`` or a YAML path."""
+    def load(cls, name_or_path: str | Path, retired: tuple[str, ...] = ()) -> "ModelConfig":
+        """Load ``configs/models/<name>.yaml`` or a YAML path; keys in ``retired`` (written
+        by older versions, no longer meaningful) are dropped instead of refused."""
         path = Path(name_or_path)
         if path.suffix not in (".yaml", ".yml"):  # a name like "qwen2.5-7b", not a file
             path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise UsageError(f"model config {name_or_path!r} not found; known: {known}")
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        doc = read_yaml(path, "model config")
+        if isinstance(doc.data, dict):
+            for key in retired:
+                doc.data.pop(key, None)
+        return cls.from_dict(doc.data, doc)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

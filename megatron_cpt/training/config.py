@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from megatron_cpt.config_loader import YamlDoc, build, read_yaml
 from megatron_cpt.errors import UsageError
 
 
@@ -149,22 +149,18 @@ class TrainConfig:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data or {}, "")
+    def from_dict(cls, data: dict[str, Any], doc: YamlDoc | None = None) -> "TrainConfig":
+        return build(cls, data or {}, doc)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        doc = read_yaml(path, "config")
+        if not isinstance(doc.data, dict):
+            raise doc.error((), "a training config must be a mapping of sections")
         for item in overrides:
-            apply_override(data, item)
-        cfg = cls.from_dict(data)
-        cfg.resolve_paths(path.parent)
+            apply_override(doc.data, item)
+        cfg = cls.from_dict(doc.data, doc)
+        cfg.resolve_paths(Path(path).parent)
         cfg.check()
         return cfg
 
@@ -256,49 +252,3 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise UsageError(f"override {key!r}: {part!r} is not a section")
     node[parts[-1]] = value
-
-
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise UsageError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UsageError(f"unknown key(s) {unknown} in {where or 'config'}; valid: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}".lstrip("."))
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UsageError(f"{where} must be a list")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(inner, value, where)
-    try:
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{where} must be {tp.__name__}, got {value!r}") from None
-    return value
