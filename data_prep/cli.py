@@ -102,13 +102,8 @@ def _filter(args) -> int:
     from data_prep.filter import FilterConfig, report_table, run_filter
 
     overrides = {k: v for k, v in (("output", args.output), ("classifier", args.classifier)) if v}
-    cfg = FilterConfig.from_yaml(args.config, overrides)
-    if args.workers:
-        cfg.executor.workers = args.workers
-    if args.executor:
-        cfg.executor.kind = args.executor
-        if args.executor == "slurm" and not cfg.executor.venv_path:
-            cfg.executor.venv_path = _venv_activate()
+    executor = {k: v for k, v in (("workers", args.workers), ("kind", args.executor)) if v is not None}
+    cfg = FilterConfig.from_yaml(args.config, overrides, executor)
     report = run_filter(cfg, progress=sys.stderr.isatty())
     if report is None:
         print(f"submitted SLURM jobs; the report will be at {os.path.join(cfg.output, 'filter_report.json')}")
@@ -119,7 +114,7 @@ def _filter(args) -> int:
 
 
 def _tokenize(args) -> int:
-    from data_prep.executor import ExecutorConfig
+    from data_prep.executor import ExecutorConfig, venv_activate
     from data_prep.manifest import format_table, stats_rows
     from data_prep.tokenize import tokenize
     from megatron_cpt.errors import UsageError
@@ -132,7 +127,7 @@ def _tokenize(args) -> int:
         raise UsageError("--unit-mb and --batch-size must be positive")
     ex = ExecutorConfig(kind=args.executor, workers=args.workers, partition=args.slurm_partition,
                         time=args.slurm_time, cpus_per_task=args.slurm_cpus,
-                        venv_path=_venv_activate())
+                        venv_path=venv_activate())
     m = tokenize(args.input, args.tokenizer, args.output_prefix, workers=args.workers, executor=ex,
                  text_field=args.text_field, id_field=args.id_field, eod_token=args.eod_token,
                  unit_bytes=int(args.unit_mb * 2**20), batch_size=args.batch_size, keep_work=args.keep_work,
@@ -157,11 +152,3 @@ def _stats(args) -> int:
     rows = stats_rows(args.prefixes)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
-
-
-def _venv_activate() -> str | None:
-    """The activate script of the running venv (SLURM jobs source it), if any."""
-    for root in (os.environ.get("VIRTUAL_ENV"), sys.prefix):
-        if root and os.path.isfile(os.path.join(root, "bin", "activate")):
-            return os.path.join(root, "bin", "activate")
-    return None

@@ -7,8 +7,10 @@ processes ``units[rank]`` and writes its shard under ``work_dir``. A final singl
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
+import sys
 
 from megatron_cpt.errors import UsageError
 
@@ -72,6 +74,8 @@ class ExecutorConfig:
     sbatch_args: dict | None = None
 
     def __post_init__(self):
+        if self.kind == "slurm" and not self.venv_path:
+            self.venv_path = venv_activate()
         if self.kind not in ("local", "slurm"):
             raise UsageError(f"executor {self.kind!r} is unknown: use local or slurm")
         if self.workers == 0 or self.workers < -1:
@@ -88,11 +92,10 @@ def run_units(step: UnitStep, n_tasks: int, cfg: ExecutorConfig, logging_dir: st
         ex = _QuietLocalExecutor(pipeline=[step], tasks=n_tasks, workers=workers,
                                    logging_dir=logging_dir, skip_completed=False,
                                    start_method="fork" if workers > 1 else "forkserver")
-        if not os.environ.get("MCPT_PREP_VERBOSE"):
-            _quiet_datatrove()
-        ex.run()
-        if merge_fn is not None:
-            merge_fn()
+        with _quiet_datatrove():
+            ex.run()
+            if merge_fn is not None:
+                merge_fn()
         return True
     from datatrove.executor import SlurmPipelineExecutor
 
@@ -126,17 +129,34 @@ class _QuietLocalExecutor(LocalPipelineExecutor):
             return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             if not os.environ.get("MCPT_PREP_VERBOSE"):
-                _quiet_datatrove()  # datatrove re-adds an INFO stderr handler after each task
+                _stderr_sink("WARNING")  # datatrove re-adds an INFO stderr sink after each task
 
 
-def _quiet_datatrove() -> None:
-    """The executor itself logs progress at INFO in this process; keep warnings only."""
-    try:
-        import sys
-
-        from loguru import logger
-
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except Exception:  # noqa: BLE001 - loguru missing or changed: keep datatrove's own logging
+@contextlib.contextmanager
+def _quiet_datatrove():
+    """During a local run the executor logs progress at INFO in this process: keep warnings
+    only. Scoped: afterwards loguru is back to one default stderr sink, the state datatrove's
+    own ``close_task_logger`` leaves too."""
+    if os.environ.get("MCPT_PREP_VERBOSE"):
+        yield
         return
+    _stderr_sink("WARNING")
+    try:
+        yield
+    finally:
+        _stderr_sink("DEBUG")  # loguru's default
+
+
+def _stderr_sink(level: str) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level)
+
+
+def venv_activate() -> str | None:
+    """The activate script of the running venv (SLURM jobs source it), if any."""
+    for root in (os.environ.get("VIRTUAL_ENV"), sys.prefix):
+        if root and os.path.isfile(os.path.join(root, "bin", "activate")):
+            return os.path.join(root, "bin", "activate")
+    return None

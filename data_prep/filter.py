@@ -22,11 +22,13 @@ import json
 import os
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
+from megatron_cpt.config_loader import YamlDoc, build, read_yaml
 from megatron_cpt.errors import UsageError
 
 DEFAULT_SWEEP = (0.3, 0.5, 0.7, 0.9)
@@ -51,63 +53,91 @@ class FilterConfig:
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: dict | None = None) -> "FilterConfig":
-        import yaml
-
+    def from_yaml(cls, path: str, overrides: dict | None = None,
+                  executor: dict | None = None) -> "FilterConfig":
+        """Read a filter YAML (see configs/data/sample.yaml); ``overrides`` replace top-level
+        keys and ``executor`` executor keys (both from the CLI) before anything is validated."""
         if not os.path.isfile(path):
             raise UsageError(f"config {path!r} not found: pass --config configs/data/<name>.yaml")
-        with open(path) as fh:
-            try:
-                raw = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        raw.update(overrides or {})
-        return cls.from_dict(raw, source=path)
+        doc = read_yaml(path, "filter config")
+        if not isinstance(doc.data, dict):
+            raise doc.error((), "a filter config must be a mapping")
+        doc.data.update(overrides or {})
+        if executor:
+            ex = doc.data.get("executor") or {}
+            doc.data["executor"] = {**({"kind": ex} if isinstance(ex, str) else ex), **executor}
+        return cls.from_dict(doc.data, doc)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "FilterConfig":
+    def from_dict(cls, raw: dict, doc: YamlDoc | None = None) -> "FilterConfig":
         raw = dict(raw)
-        raw.pop("name", None)
+        if isinstance(raw.get("inputs"), str):
+            raw["inputs"] = [raw["inputs"]]
+        if isinstance(raw.get("executor"), str):
+            raw["executor"] = {"kind": raw["executor"]}
+        f = build(_FilterFile, raw, doc)
+        doc = doc or YamlDoc(raw)
         for key in ("inputs", "output", "classifier", "domains"):
-            if key not in raw:
-                raise UsageError(f"{source} has no `{key}:` entry: add it (see configs/data/sample.yaml)")
-        domains = raw.pop("domains")
-        if not isinstance(domains, dict) or not domains:
-            raise UsageError(f"{source}: `domains:` must map domain names to thresholds, e.g. legal: 0.5")
+            if not getattr(f, key):
+                raise doc.error((), f"no `{key}:` entry: add it (see configs/data/sample.yaml)")
         thresholds = {}
-        for d, v in domains.items():
+        for d, v in f.domains.items():
             t = v.get("threshold") if isinstance(v, dict) else v
-            if not isinstance(t, (int, float)) or not 0 <= t <= 1:
-                raise UsageError(f"{source}: threshold for {d!r} is {t!r}; use a probability in [0, 1]")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+                raise doc.error(("domains", d), f"threshold for {d!r} is {t!r}; use a probability in [0, 1]")
             thresholds[str(d)] = float(t)
-        decon = raw.pop("decontamination", {}) or {}
-        general = raw.pop("general", {}) or {}
-        control = raw.pop("control", {}) or {}
-        token_count = raw.pop("token_count", {}) or {}
-        ex = raw.pop("executor", {}) or {}
-        if isinstance(ex, str):
-            ex = {"kind": ex}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known - {"workers", "tasks"}
-        if unknown:
-            raise UsageError(f"{source}: unknown keys {sorted(unknown)}: remove them (see configs/data/sample.yaml)")
-        if "workers" in raw:
-            ex["workers"] = raw.pop("workers")
-        raw.pop("tasks", None)  # tasks = number of input units (set by unit_bytes)
-        if ex.get("kind") == "slurm" and not ex.get("venv_path"):
-            from data_prep.cli import _venv_activate
+        ex = f.executor
+        if f.workers is not None:
+            ex = dataclasses.replace(ex, workers=f.workers)  # re-validated in __post_init__
+        return cls(inputs=f.inputs, output=f.output, classifier=f.classifier, thresholds=thresholds,
+                   text_field=f.text_field, id_field=f.id_field, threshold_sweep=f.threshold_sweep,
+                   exam_files=f.decontamination.exam_files, ngram=f.decontamination.ngram,
+                   tokenizer=f.token_count.tokenizer, general_token_target=f.general.token_target,
+                   controls=f.control.enabled, seed=f.seed, unit_bytes=f.unit_bytes, executor=ex)
 
-            ex["venv_path"] = _venv_activate()
-        try:
-            executor = ExecutorConfig(**ex)
-        except TypeError as exc:
-            raise UsageError(f"{source}: bad `executor:` entry ({exc}): see configs/data/sample.yaml") from exc
-        inputs = raw.pop("inputs")
-        return cls(inputs=[inputs] if isinstance(inputs, str) else list(inputs), thresholds=thresholds,
-                   exam_files=list(decon.get("exam_files", []) or []), ngram=int(decon.get("ngram", 13)),
-                   tokenizer=token_count.get("tokenizer"),
-                   general_token_target=general.get("token_target"),
-                   controls=bool(control.get("enabled", True)), executor=executor, **raw)
+
+@dataclasses.dataclass
+class _Decontamination:
+    exam_files: list[str] = dataclasses.field(default_factory=list)
+    ngram: int = 13
+
+
+@dataclasses.dataclass
+class _TokenCount:
+    tokenizer: str | None = None
+
+
+@dataclasses.dataclass
+class _General:
+    token_target: int | None = None
+
+
+@dataclasses.dataclass
+class _Control:
+    enabled: bool = True
+
+
+@dataclasses.dataclass
+class _FilterFile:
+    """A filter YAML as written; FilterConfig.from_dict flattens it."""
+
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    output: str = ""
+    classifier: str = ""
+    domains: dict[str, Any] = dataclasses.field(default_factory=dict)  # name: threshold | {threshold: t}
+    name: str = ""
+    text_field: str = "text"
+    id_field: str = "id"
+    threshold_sweep: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_SWEEP))
+    decontamination: _Decontamination = dataclasses.field(default_factory=_Decontamination)
+    token_count: _TokenCount = dataclasses.field(default_factory=_TokenCount)
+    general: _General = dataclasses.field(default_factory=_General)
+    control: _Control = dataclasses.field(default_factory=_Control)
+    seed: int = 0
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    workers: int | None = None   # shorthand for executor.workers
+    tasks: int | None = None     # ignored: tasks = number of input units (set by unit_bytes)
 
 
 class FilterStep(UnitStep):

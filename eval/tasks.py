@@ -24,7 +24,11 @@ class _FunctionTag(str):
     """Dumped as lm-eval's ``!function`` YAML tag."""
 
 
-yaml.SafeDumper.add_representer(
+class _TaskDumper(yaml.SafeDumper):
+    """A local dumper: the ``!function`` representer must not leak into ``yaml.safe_dump``."""
+
+
+_TaskDumper.add_representer(
     _FunctionTag, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
 
@@ -86,6 +90,6 @@ def write_tasks(exams: list[Path], out: Path, num_fewshot: int = 5,
                 ],
                 "metadata": {"version": 1.0, "exam_file": str(Path(exam_path).resolve())},
             }
-            (out / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, width=1000))
+            (out / f"{name}.yaml").write_text(yaml.dump(task, Dumper=_TaskDumper, sort_keys=False, width=1000))
             names.append(name)
     return names
