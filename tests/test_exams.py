@@ -1,13 +1,13 @@
 """Exam format validation, the shipped sample exams, and the multiple-choice metrics."""
 import json
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from eval.exams import LETTERS, ExamItem, by_split, load_exam, normalize_question, sample_exam_paths
-from eval.metrics import acc, acc_norm, answer_ppl, choice_length, score
 from megatron_cpt.errors import UsageError
 
 # ---------------------------------------------------------------- shipped exams
@@ -179,65 +179,45 @@ LENGTHS = [
 ]
 
 
-def test_acc_hand_computed():
-    assert acc(LOGLIKS, ANSWERS) == pytest.approx(2 / 3)
+def _score(logliks, answers, lengths):
+    """The generated tasks' metrics (eval/task_utils.py, as lm-eval calls them): per-question
+    process_results, acc/acc_norm averaged, answer_ppl through the task's aggregation."""
+    import task_utils
+    docs = [{"answer": a, "letters": ["x" * int(n) for n in ns]} for a, ns in zip(answers, lengths)]
+    per = [task_utils.process_results(d, [(ll, False) for ll in lls]) for d, lls in zip(docs, logliks)]
+    return {"acc": sum(p["acc"] for p in per) / len(per),
+            "acc_norm": sum(p["acc_norm"] for p in per) / len(per),
+            "answer_ppl": task_utils.perplexity_of_mean_nll(p["answer_ppl"] for p in per)}
 
 
-def test_acc_norm_hand_computed():
-    assert acc_norm(LOGLIKS, ANSWERS, LENGTHS) == pytest.approx(1 / 3)
+@pytest.fixture(autouse=True, scope="module")
+def _task_utils_on_path():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    yield
+    sys.path.remove(str(Path(__file__).resolve().parents[1] / "eval"))
 
 
-def test_answer_ppl_hand_computed():
-    # NLL of the correct choices: 1.0, 6.0, 2.0 -> mean 3.0 -> exp(3.0)
-    assert answer_ppl(LOGLIKS, ANSWERS) == pytest.approx(math.exp(3.0))
-    assert answer_ppl(LOGLIKS, ANSWERS) == pytest.approx(20.085536923187668)
-
-
-def test_score_bundles_all_metrics():
-    assert score(LOGLIKS, ANSWERS, LENGTHS) == {
+def test_metrics_hand_computed():
+    # NLL of the correct choices: 1.0, 6.0, 2.0 -> mean 3.0 -> answer_ppl exp(3.0)
+    assert _score(LOGLIKS, ANSWERS, LENGTHS) == {
         "acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1 / 3),
-        "answer_ppl": pytest.approx(math.exp(3.0)), "n": 3}
+        "answer_ppl": pytest.approx(20.085536923187668)}
 
 
 def test_acc_norm_equals_acc_for_equal_lengths():
     # lettered answers (" A", " B", ...) all have the same length
-    lengths = [[choice_length(" " + c) for c in "ABCD"]] * 3
-    assert acc_norm(LOGLIKS, ANSWERS, lengths) == acc(LOGLIKS, ANSWERS)
-
-
-def test_choice_length_matches_lm_eval():
-    assert choice_length("Paris") == 5.0
-    assert choice_length("café") == 4.0  # lm-eval uses len(str)
+    m = _score(LOGLIKS, ANSWERS, [[2] * 4] * 3)
+    assert m["acc_norm"] == m["acc"]
 
 
 def test_perfect_and_certain_model():
-    assert answer_ppl([[0.0, -50.0]], [0]) == 1.0
-    assert acc([[0.0, -50.0]], [0]) == 1.0
-
-
-@pytest.mark.parametrize("bad", [
-    dict(logliks=[], answers=[]),
-    dict(logliks=[[-1.0, -2.0]], answers=[0, 1]),
-    dict(logliks=[[-1.0, -2.0]], answers=[2]),
-    dict(logliks=[[-1.0, -2.0]], answers=[True]),
-    dict(logliks=[[-1.0]], answers=[0]),
-])
-def test_metrics_refuse_inconsistent_inputs(bad):
-    with pytest.raises(ValueError):
-        acc(**bad)
-
-
-def test_acc_norm_refuses_bad_lengths():
-    with pytest.raises(ValueError, match="choice lengths"):
-        acc_norm([[-1.0, -2.0]], [0], [[1.0]])
-    with pytest.raises(ValueError, match="positive"):
-        acc_norm([[-1.0, -2.0]], [0], [[1.0, 0.0]])
+    assert _score([[0.0, -50.0]], [0], [[1, 1]]) == {"acc": 1.0, "acc_norm": 1.0, "answer_ppl": 1.0}
 
 
 def test_exams_and_metrics_do_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys, eval.exams, eval.metrics; "
+    code = ("import sys, eval.exams, eval.task_utils; "
             "sys.exit('torch' in sys.modules or 'megatron.core' in sys.modules)")
     repo = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0
