@@ -27,17 +27,9 @@ class MegatronCPTLM(TemplateLM):
         from transformers import AutoTokenizer
 
         from megatron_cpt.checkpoint import store
-        from megatron_cpt.models.qwen2 import BuildOptions, build_gpt_model
-        from megatron_cpt.runtime import init_distributed
 
         self.ckpt = Path(ckpt)
-        self.model_cfg = store.read_model_config(self.ckpt)
-        self.model_cfg.check_parallel(int(tp), int(pp))
-        init_distributed(tp=int(tp), pp=int(pp), seed=0)
-        self.model = build_gpt_model(self.model_cfg, BuildOptions(
-            tp=int(tp), pp=int(pp), params_dtype=store.DTYPES[dtype], init_weights=False))
-        store.load_model_weights(self.model, self.ckpt)
-        self.model.eval()
+        self.model, self.model_cfg = store.load_model(self.ckpt, int(tp), int(pp), dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or self.ckpt / store.TOKENIZER))
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = self.model_cfg.max_position_embeddings

@@ -56,7 +56,8 @@ def inspect_hf(hf_dir: Path, name: str | None = None) -> HFSource:
     return HFSource(hf_dir, model, shards, dtype, tok_size)
 
 
-def _single_process_model(model_cfg: ModelConfig, dtype: torch.dtype):
+def _empty_model(model_cfg: ModelConfig, dtype: torch.dtype):
+    """TP1/PP1, local spec (the mapping's names), weights left for the HF tensors to fill."""
     from megatron_cpt.models.qwen2 import build_gpt_model
     from megatron_cpt.runtime import init_distributed
 
@@ -70,7 +71,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, force: bool = False, name: str | None =
     src = inspect_hf(hf_dir, name)
     store.check_output_dir(out, force)
     t0 = time.perf_counter()
-    gpt = _single_process_model(src.model, src.dtype)
+    gpt = _empty_model(src.model, src.dtype)
     params = dict(gpt.named_parameters())
     table = mapping.expand(src.model)
     by_hf = {h: m for m in table for h in m.hf}
@@ -125,13 +126,10 @@ def hf_to_mcore(hf_dir: Path, out: Path, force: bool = False, name: str | None =
 def mcore_to_hf(ckpt: Path, out: Path, force: bool = False, dtype: str | None = None,
                 max_shard_bytes: int = 5 * 2**30) -> dict:
     """Export a checkpoint folder (converted or trained) as a Hugging Face Qwen2 folder."""
-    meta = store.read_metadata(ckpt)
-    model_cfg = store.read_model_config(ckpt)
+    dtype_name = store.export_dtype(store.read_metadata(ckpt), dtype)
     store.check_output_dir(out, force)
-    dtype_name = store.export_dtype(meta, dtype)
     t0 = time.perf_counter()
-    gpt = _single_process_model(model_cfg, store.DTYPES[dtype_name])
-    store.load_model_weights(gpt, ckpt)
+    gpt, model_cfg = store.load_model(ckpt, dtype=dtype_name, local_spec=True)
     params = dict(gpt.named_parameters())
     with store.atomic_dir(out, force=force) as tmp:
         writer = hf_files.ShardedSafetensorsWriter(tmp, max_shard_bytes)

@@ -47,7 +47,6 @@ PREFIX = "module."  # NeMo wraps the GPTModel in MegatronParallel: every key gai
 # What NeMo's MegatronStrategy stores in common.pt and passes back to sharded_state_dict() on load.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                     "distrib_optim_sharding_type": "dp_reshardable"}
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 # -- a minimal fiddle JSON writer ---------------------------------------------------------------
@@ -274,18 +273,13 @@ def mcore_to_nemo(ckpt: Path, out: Path, force: bool = False, dtype: str | None 
     """Export a checkpoint folder (converted or trained) as a NeMo 2 checkpoint folder."""
     from megatron.core import dist_checkpointing
 
-    from megatron_cpt.checkpoint.convert import _single_process_model
-
-    meta = store.read_metadata(ckpt)
-    cfg = store.read_model_config(ckpt)
+    dtype_name = store.export_dtype(store.read_metadata(ckpt), dtype)
     store.check_output_dir(out, force)
-    dtype_name = store.export_dtype(meta, dtype)
     tok_dir = Path(ckpt) / store.TOKENIZER
     if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
         raise UsageError(f"{ckpt} has no tokenizer/ folder; NeMo checkpoints carry their tokenizer")
     t0 = time.perf_counter()
-    gpt = _single_process_model(cfg, store.DTYPES[dtype_name])
-    store.load_model_weights(gpt, ckpt)
+    gpt, cfg = store.load_model(ckpt, dtype=dtype_name, local_spec=True)
     with store.atomic_dir(out, force=force) as tmp:
         context = tmp / CONTEXT
         (context / ARTIFACTS).mkdir(parents=True)

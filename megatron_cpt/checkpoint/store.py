@@ -132,6 +132,27 @@ def load_model_weights(model, ckpt: Path) -> None:
         raise RuntimeError(f"checkpoint {ckpt} lacks weights for {missing[:5]}")
 
 
+def load_model(ckpt: Path, tp: int = 1, pp: int = 1, dtype: str | None = None,
+               local_spec: bool = False):
+    """The one way to get a checkpoint's model: initialize TP/PP process groups, build this
+    rank's GPTModel stage in ``dtype`` (default: the checkpoint's) and load its weights, in
+    eval mode. ``local_spec`` names parameters as the local spec does (the conversion
+    mapping's names) even where Transformer Engine is installed. Returns (model, config)."""
+    from megatron_cpt.models.qwen2 import BuildOptions, build_gpt_model
+    from megatron_cpt.runtime import init_distributed
+
+    dtype_name = export_dtype(read_metadata(ckpt), dtype)
+    cfg = read_model_config(ckpt)
+    cfg.check_parallel(tp, pp)
+    init_distributed(tp=tp, pp=pp, seed=0)
+    spec = dict(use_te=False, attention_backend="local") if local_spec else {}
+    gpt = build_gpt_model(cfg, BuildOptions(tp=tp, pp=pp, params_dtype=DTYPES[dtype_name],
+                                            init_weights=False, **spec))
+    load_model_weights(gpt, ckpt)
+    gpt.eval()
+    return gpt, cfg
+
+
 def save_checkpoint(sharded_state_dict: dict, out: Path, model_cfg: ModelConfig,
                     meta: dict[str, Any], tokenizer_dir: Path | None = None) -> None:
     """Collective, atomic save of a full checkpoint folder from every rank's shards.

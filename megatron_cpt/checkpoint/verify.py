@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megatron_cpt.checkpoint import store
 from megatron_cpt.errors import UsageError
-from megatron_cpt.models.qwen2 import BuildOptions, ModelConfig
+from megatron_cpt.models.qwen2 import ModelConfig
 
 
 @dataclass
@@ -78,16 +78,9 @@ def compare(hf_dir: Path, ckpt: Path, tp: int, pp: int, dtype: str = "float32",
     from megatron.core import parallel_state
 
     from megatron_cpt.models.forward import forward_logits
-    from megatron_cpt.models.qwen2 import build_gpt_model
-    from megatron_cpt.runtime import init_distributed
 
-    model_cfg = store.read_model_config(ckpt)
+    gpt, model_cfg = store.load_model(ckpt, tp, pp, dtype)
     torch_dtype = store.DTYPES[dtype]
-    init_distributed(tp=tp, pp=pp, seed=0)
-    gpt = build_gpt_model(model_cfg, BuildOptions(tp=tp, pp=pp, params_dtype=torch_dtype,
-                                                  init_weights=False))
-    store.load_model_weights(gpt, ckpt)
-    gpt.eval()
     tokens = fixed_batch(model_cfg.vocab_size, seq=seq)
     logits = forward_logits(gpt, tokens, vocab_size=model_cfg.vocab_size)
     reporter = (parallel_state.is_pipeline_last_stage()
