@@ -332,7 +332,7 @@ def _jsonable(obj):
 def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
     from data_prep.classifier import DomainClassifier
     from data_prep.decontam import ExamIndex
-    from data_prep.tokenizer import TextTokenizer
+    from data_prep.text_tokenizer import TextTokenizer
 
     started = time.time()
     files = expand_inputs(cfg.inputs)

@@ -109,6 +109,20 @@ def merge_shards(shards: list[str], prefix: str, dtype, progress: bool = True) -
     }
 
 
+def write_documents(prefix: str, documents: list[list[int]], dtype) -> dict:
+    """``prefix.bin/.idx`` from token lists taken as they are (EOD already in them); returns
+    what :func:`merge_shards` returns. For small prefixes (tests, toy data)."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    lengths = np.asarray([len(d) for d in documents], dtype=np.int32)
+    flat = np.fromiter((t for d in documents for t in d), dtype=np.dtype(dtype), count=int(lengths.sum()))
+    with open(prefix + ".bin", "wb") as fh:
+        fh.write(flat.tobytes())
+    write_index(prefix + ".idx", lengths, dtype)
+    return {"documents": len(documents), "tokens": int(lengths.sum(dtype=np.int64)),
+            "bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx"),
+            "bin_sha256": sha256_file(prefix + ".bin"), "idx_sha256": sha256_file(prefix + ".idx")}
+
+
 def remove_shards(shards: list[str]) -> None:
     for s in shards:
         for suffix in (".bin", ".lengths.npy"):

@@ -46,6 +46,26 @@ def build_manifest(kind, files, tokenizer, inputs, documents_in, dropped, nbytes
     return manifest
 
 
+def write_prefix(prefix, documents: list[list[int]], tokenizer_dir, eod_id: int, vocab_size: int) -> dict:
+    """``prefix.bin/.idx`` + manifest from token lists (tests and toy data; ``prep tokenize``
+    writes the same files from text at scale). ``vocab_size`` (the model's embedding rows)
+    picks the token dtype; the manifest's tokenizer entry is the tokenizer's own."""
+    from data_prep.indexed import write_documents
+    from data_prep.io import DropCounter
+    from data_prep.text_tokenizer import TextTokenizer, token_dtype
+
+    prefix = str(prefix)
+    tok = TextTokenizer(str(tokenizer_dir))
+    if tok.eod_id != eod_id:
+        raise ValueError(f"eod_id {eod_id} differs from the tokenizer's {tok.eod_id}")
+    files = write_documents(prefix, documents, token_dtype(vocab_size))
+    manifest = build_manifest("tokenized", files, tok.info(), inputs=[], documents_in=len(documents),
+                              dropped=DropCounter(), nbytes=0, seconds=0.0,
+                              config={"writer": "data_prep.manifest.write_prefix"})
+    write_manifest(prefix, manifest)
+    return manifest
+
+
 def write_manifest(prefix: str, manifest: dict) -> str:
     path = prefix + ".manifest.json"
     tmp = path + ".tmp"
@@ -101,7 +121,7 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
             raise UsageError(f"{path} does not match the sha256 in its manifest: the file was modified; "
                              "re-run `megatron-cpt prep tokenize`")
     if tokenizer is not None:
-        from data_prep.tokenizer import TextTokenizer
+        from data_prep.text_tokenizer import TextTokenizer
 
         tok = TextTokenizer(tokenizer, eod_token or manifest["tokenizer"].get("eod_token"))
         want = manifest["tokenizer"]

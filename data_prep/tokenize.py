@@ -14,7 +14,7 @@ import time
 
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
-from data_prep.tokenizer import TextTokenizer
+from data_prep.text_tokenizer import TextTokenizer
 
 
 class TokenizeStep(UnitStep):

@@ -147,7 +147,7 @@ def test_data_prefix_errors_exit_2(toy, tmp_path, monkeypatch, capsys):
     rc, err = run(other)
     assert rc == 2 and "(sha256 000000000000" in err
     # a validation prefix too small for one sequence: the validation split would be empty
-    from megatron_cpt.training.data import write_prefix
+    from data_prep.manifest import write_prefix
 
     tiny = tmp_path / "tiny_valid"
     write_prefix(tiny, [[5, 6, 7, toy["eod"]]], toy["tokenizer"], toy["eod"], 1024)

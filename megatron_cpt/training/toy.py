@@ -36,7 +36,7 @@ def make_toy(root: Path, model: str = "tiny-a", python: str | None = None) -> di
 
     from megatron_cpt.models.qwen2 import ModelConfig
     from megatron_cpt.tiny import EOD, make_hf_model, train_tokenizer
-    from megatron_cpt.training.data import write_prefix
+    from data_prep.manifest import write_prefix
 
     root = Path(root)
     tok_dir, hf_dir, ckpt = root / "tokenizer", root / "hf", root / "pretrained"
