@@ -81,7 +81,8 @@ def make_corpus(path: str, size_mb: float, seed: int = 0) -> int:
 
 
 def train_tokenizer(corpus: str, out_dir: str, vocab_size: int, sample_mb: float = 4.0) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """megatron_cpt.tiny's BPE trainer on the first ``sample_mb`` MB of the corpus."""
+    from megatron_cpt.tiny import train_tokenizer as train_bpe
 
     texts, size = [], 0
     with open(corpus, encoding="utf-8") as fh:
@@ -91,17 +92,7 @@ def train_tokenizer(corpus: str, out_dir: str, vocab_size: int, sample_mb: float
             size += len(t)
             if size > sample_mb * 1e6:
                 break
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                   "bos_token": None, "model_max_length": 10**9, "name_or_path": "bench-bpe"}, fh)
+    train_bpe(out_dir, vocab_size, texts)
 
 
 _CEILING = r'''

@@ -1,13 +1,13 @@
-"""Tiny Qwen2 models and BPE tokenizers made locally (no hub), for tests and the demo."""
+"""Tiny Qwen2 models and BPE tokenizers made locally (no hub), for tests, the demo, the
+data_prep samples and the tokenization benchmark: the project's one BPE trainer."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from data_prep.text_tokenizer import DEFAULT_EOD as EOD
 from megatron_cpt.models.qwen2 import ModelConfig
-
-EOD = "<|endoftext|>"
 
 # Original sentences written for this project, only used to fit a toy BPE vocabulary.
 _TOKENIZER_TEXT = """\
@@ -22,16 +22,16 @@ The library opens at nine, the market closes at six, and the train leaves at noo
 """
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 512, texts: list[str] | None = None) -> Path:
-    """A byte-level BPE saved as a Hugging Face tokenizer folder; EOD is ``<|endoftext|>``.
-    ``texts``: the corpus to fit (default: a few built-in sentences)."""
+def train_tokenizer(out_dir: Path | str, vocab_size: int = 512, texts: list[str] | None = None) -> Path:
+    """A byte-level BPE (EOD ``<|endoftext|>``, no BOS) saved as a Hugging Face tokenizer
+    folder. ``texts``: the corpus to fit (default: a few built-in sentences)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts or _TOKENIZER_TEXT.splitlines() * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOD, pad_token=EOD)

@@ -18,7 +18,7 @@ SAMPLES = os.path.join(REPO, "data_prep", "samples")
 SEED = os.path.join(SAMPLES, "seed_labeled.jsonl")
 WEB = os.path.join(SAMPLES, "web_sample.jsonl")
 EXAMS = os.path.join(SAMPLES, "exam_sample.jsonl")
-EOD = "<|endoftext|>"
+from data_prep.text_tokenizer import DEFAULT_EOD as EOD
 
 
 def _texts(path=SEED):
@@ -27,21 +27,9 @@ def _texts(path=SEED):
 
 
 def train_bpe(out_dir: str, texts, vocab_size: int = 800) -> str:
-    """A small byte-level BPE saved as a HF tokenizer folder (EOD <|endoftext|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from megatron_cpt.tiny import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD, "bos_token": None,
-                   "model_max_length": 10**9, "name_or_path": "test-bpe"}, fh)
-    return out_dir
+    return str(train_tokenizer(out_dir, vocab_size, texts))
 
 
 @pytest.fixture(scope="session")

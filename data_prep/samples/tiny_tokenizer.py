@@ -12,11 +12,11 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EOD = "<|endoftext|>"
 
 
 def train_tiny_bpe(out_dir: str, vocab_size: int = 2000, files=None) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Fit megatron_cpt.tiny's BPE trainer on the ``text`` fields of the sample JSONL files."""
+    from megatron_cpt.tiny import train_tokenizer
 
     files = files or [os.path.join(HERE, "seed_labeled.jsonl"), os.path.join(HERE, "web_sample.jsonl")]
     texts = []
@@ -29,18 +29,7 @@ def train_tiny_bpe(out_dir: str, vocab_size: int = 2000, files=None) -> str:
                     continue
                 if isinstance(t, str):
                     texts.append(t)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOD], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD, "bos_token": None,
-                   "model_max_length": 10**9, "name_or_path": "tiny-sample-bpe"}, fh, indent=1)
-    return out_dir
+    return str(train_tokenizer(out_dir, vocab_size, texts))
 
 
 if __name__ == "__main__":

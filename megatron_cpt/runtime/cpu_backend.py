@@ -5,7 +5,8 @@ those, and nothing else, to the CPU. It is imported and activated only by
 :func:`megatron_cpt.runtime.device.setup_device` when ``torch.cuda.is_available()``
 is false; a GPU run never imports it.
 
-Each redirect names the Megatron-core 0.16.1 call sites it serves:
+Each redirect names the Megatron-core 0.16.1 call sites it serves (``activate`` refuses
+another version: see :mod:`megatron_cpt.runtime.mcore_patches`):
 
 1. ``torch.cuda.current_device()`` answers ``"cpu"``
    - RoPE inverse frequencies (models/common/embeddings/rotary_pos_embedding.py),
@@ -90,6 +91,10 @@ def activate() -> None:
     if is_active():
         return
     from megatron.core.tensor_parallel import random as mcore_random
+
+    from megatron_cpt.runtime.mcore_patches import require_tested_mcore
+
+    require_tested_mcore("cpu_backend")  # the call sites above are 0.16.1's
 
     # 1. current device
     _patch(torch.cuda, "current_device", lambda: "cpu")

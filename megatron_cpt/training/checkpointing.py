@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cpt.checkpoint import store
+from megatron_cpt.runtime import mcore_patches
 
 CHECKPOINTS, LATEST, TRAINER = "checkpoints", "latest", "trainer"
 # test-only fault injection: "crash_in_save@ITER" kills every rank between writing the weights
@@ -101,42 +102,12 @@ def _fault(point: str, iteration: int) -> None:
         os._exit(FAULT_EXIT)
 
 
-def _ignore_stop_signals() -> None:
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-_WRITER_MANAGER = None
-
-
-def _signal_proof_writer_queue() -> None:
-    """Megatron-core's checkpoint writer reports results through a multiprocessing Manager
-    (a spawned server process) that it creates on the first save. SLURM delivers SIGTERM
-    (preemption, ``scontrol requeue``) and ``--signal=USR1`` to every process of the job step,
-    so that server died on the very signal that asked for the save and the save failed with
-    BrokenPipeError. Start the server ourselves with those signals ignored; the trainer's
-    own processes keep handling them (flag -> agreed stop -> this save)."""
-    global _WRITER_MANAGER
-    from multiprocessing import get_context
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
-        return
-    _WRITER_MANAGER = SyncManager(ctx=get_context("spawn"))
-    _WRITER_MANAGER.start(initializer=_ignore_stop_signals)
-    filesystem_async._results_queue = _WRITER_MANAGER.Queue()
-
-
 def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
          pretrained: Path, keep_last: int, keep_iterations: set[int]) -> Path:
     """Collective: every rank calls it. Returns the committed folder."""
     from megatron.core import dist_checkpointing
 
-    _signal_proof_writer_queue()
+    mcore_patches.signal_proof_writer_queue()
     rank = dist.get_rank()
     root = Path(run_dir) / CHECKPOINTS
     final = root / iter_name(iteration)
