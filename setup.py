@@ -8,8 +8,10 @@ setup(
     description="Compute-budgeted continued pretraining on Megatron-core: data prep, "
     "Qwen2.5 conversion, TP/PP/DP training, SLURM launch, evaluation and reports.",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_cpt*", "data_prep*", "eval*"]),
-    package_data={"": ["*.yaml", "*.jsonl", "*.json"], "eval": ["exams/*.jsonl"]},
+    # eval/exams holds data only (the shipped exams); declared as a package of data so
+    # setuptools installs it without its "absent from packages" warning
+    packages=find_packages(include=["megatron_cpt*", "data_prep*", "eval*"]) + ["eval.exams"],
+    package_data={"": ["*.yaml", "*.jsonl", "*.json"], "eval.exams": ["*.jsonl"]},
     include_package_data=True,
     install_requires=[
         # torch is not pinned here so NGC / cluster builds of torch are kept;
