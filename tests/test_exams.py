@@ -1,6 +1,5 @@
 """Exam format validation, the shipped sample exams, and the multiple-choice metrics."""
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path

@@ -13,12 +13,9 @@ Resuming at iteration ``i`` therefore continues with exactly the next sample.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 from megatron_cpt.errors import UsageError
 
