@@ -92,7 +92,7 @@ def train_tokenizer(corpus: str, out_dir: str, vocab_size: int, sample_mb: float
             size += len(t)
             if size > sample_mb * 1e6:
                 break
-    train_bpe(out_dir, vocab_size, texts)
+    train_bpe(out_dir, vocab_size, texts, name="bench-bpe")
 
 
 _CEILING = r'''

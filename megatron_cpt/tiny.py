@@ -22,9 +22,13 @@ The library opens at nine, the market closes at six, and the train leaves at noo
 """
 
 
-def train_tokenizer(out_dir: Path | str, vocab_size: int = 512, texts: list[str] | None = None) -> Path:
+def train_tokenizer(out_dir: Path | str, vocab_size: int = 512, texts: list[str] | None = None,
+                    name: str | None = None) -> Path:
     """A byte-level BPE (EOD ``<|endoftext|>``, no BOS) saved as a Hugging Face tokenizer
-    folder. ``texts``: the corpus to fit (default: a few built-in sentences)."""
+    folder. ``texts``: the corpus to fit (default: a few built-in sentences); ``name``: the
+    ``name_or_path`` recorded in tokenizer_config.json (manifests name the tokenizer by it)."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,6 +42,9 @@ def train_tokenizer(out_dir: Path | str, vocab_size: int = 512, texts: list[str]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
+    if name:
+        conf_path = out_dir / "tokenizer_config.json"
+        conf_path.write_text(json.dumps({**json.loads(conf_path.read_text()), "name_or_path": name}, indent=2))
     return out_dir
 
 

@@ -29,7 +29,7 @@ def _texts(path=SEED):
 def train_bpe(out_dir: str, texts, vocab_size: int = 800) -> str:
     from megatron_cpt.tiny import train_tokenizer
 
-    return str(train_tokenizer(out_dir, vocab_size, texts))
+    return str(train_tokenizer(out_dir, vocab_size, texts, name="test-bpe"))
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def train_tiny_bpe(out_dir: str, vocab_size: int = 2000, files=None) -> str:
                     continue
                 if isinstance(t, str):
                     texts.append(t)
-    return str(train_tokenizer(out_dir, vocab_size, texts))
+    return str(train_tokenizer(out_dir, vocab_size, texts, name="tiny-sample-bpe"))
 
 
 if __name__ == "__main__":
