@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob as _glob
-import io
 import json
 import os
 from typing import Iterator
@@ -172,29 +171,58 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+CHUNK_BYTES = 1 << 16  # compressed bytes per decompress call: a corrupt block loses at most one
+
+
+def _decompressed_chunks(fh, comp: str) -> Iterator[bytes]:
+    """Decompress incrementally, yielding every byte that can be recovered before raising on a
+    truncated or corrupt archive. (A buffered reader over gzip/zstd raises on the buffer fill and
+    loses up to a whole buffer of readable records; decompressing chunk by chunk loses none.)
+    Concatenated gzip members and zstd frames are read one after another."""
+    import zlib
+
+    def new_decoder():
+        if comp == "gzip":
+            return zlib.decompressobj(wbits=31)
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    dec, started = new_decoder(), False
+    while True:
+        data = fh.read(CHUNK_BYTES)
+        if not data:
+            break
+        while data:
+            if dec.eof:  # the next gzip member / zstd frame
+                dec = new_decoder()
+            try:
+                out = dec.decompress(data)
+            except Exception as exc:  # zlib.error / zstandard.ZstdError: corrupt data
+                raise ValueError(f"corrupt {comp} data: {exc}") from exc
+            started = True
+            if out:
+                yield out
+            data = dec.unused_data if dec.eof else b""
+    if started and not dec.eof:
+        raise EOFError(f"{comp} stream ended before its end marker (truncated file)")
+
+
 def _line_stream(unit: Unit):
-    """Yield (byte offset, raw line) for the lines *starting* in the unit's range (decompressed)."""
+    """Yield (byte offset, raw line) for the lines *starting* in the unit's range (decompressed).
+    A compressed file is one unit; all its complete lines are yielded before a read error."""
     fh = _open_binary(unit.path)
     comp = _compression(unit.path)
     try:
-        if comp == "gzip":
-            import gzip
-
-            stream = io.BufferedReader(gzip.GzipFile(fileobj=fh), 1 << 20)
-        elif comp == "zstd":
-            import zstandard
-
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh), 1 << 20)
-        else:
-            stream = fh
-            if unit.start > 0:
-                stream.seek(unit.start - 1)
-                stream.readline()  # the line containing start-1 belongs to the previous unit
-        pos = stream.tell() if comp is None else 0
-        end = unit.end if comp is None else -1
-        while True:
-            if end >= 0 and pos >= end:
-                break
+        if comp is not None:
+            yield from _compressed_lines(fh, comp)
+            return
+        stream = fh
+        if unit.start > 0:
+            stream.seek(unit.start - 1)
+            stream.readline()  # the line containing start-1 belongs to the previous unit
+        pos = stream.tell()
+        while unit.end < 0 or pos < unit.end:  # end -1: the whole file
             line = stream.readline()
             if not line:
                 break
@@ -202,6 +230,18 @@ def _line_stream(unit: Unit):
             pos += len(line)
     finally:
         fh.close()
+
+
+def _compressed_lines(fh, comp: str) -> Iterator[tuple[int, bytes]]:
+    pos, tail = 0, b""
+    for chunk in _decompressed_chunks(fh, comp):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()  # the (possibly empty) part after the last newline
+        for line in lines:
+            yield pos, line + b"\n"
+            pos += len(line) + 1
+    if tail:
+        yield pos, tail
 
 
 class RecordReader:
