@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_cpt.errors import UsageError
+from megatron_cpt.run_folder import EVAL_DIR, RunFolder
 
 GENERAL = "general"
 CONTROL_PREFIX = "control_"
-EVAL_DIR = "eval"
-_EVAL_FILE = re.compile(r"^(\d+)\.json$")
 
 
 @dataclass
@@ -112,13 +111,11 @@ def size_key(size: str, params: float | None) -> tuple:
 
 def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
     """Parameters of the run's pretrained checkpoint (``model.pretrained`` in config.yaml)."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
+    run = RunFolder(run_dir)
+    if not run.config_path.is_file():
         return None
     try:
-        import yaml
-
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = run.config_dict()
         pretrained = (cfg.get("model") or {}).get("pretrained")
         if not pretrained:
             return None
@@ -135,24 +132,19 @@ def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
 
 def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int, Path]]:
     points, questions = [], {}
-    edir = run_dir / EVAL_DIR
-    if not edir.is_dir():
-        return points, questions
-    for f in sorted(edir.iterdir()):
-        m = _EVAL_FILE.match(f.name)
-        if not m:
-            continue
+    run = RunFolder(run_dir)
+    for file_it, f in run.eval_results().items():
         try:
             rec = json.loads(f.read_text())
         except (OSError, ValueError) as exc:
             notes.append(f"{f}: unreadable ({exc}); skipped")
             continue
-        it = int(rec.get("iteration", int(m.group(1))))
+        it = int(rec.get("iteration", file_it))
         valid = {k: float(v["loss"]) for k, v in (rec.get("valid") or {}).items()
                  if isinstance(v, dict) and isinstance(v.get("loss"), (int, float))}
         points.append(Point(it, float(rec.get("tokens") or 0.0), float(rec.get("flops") or 0.0),
                             rec.get("exams") or {}, valid))
-        qf = edir / f"{m.group(1)}.questions.jsonl"
+        qf = run.eval_questions(file_it)
         if qf.is_file():
             questions[it] = qf
     points.sort(key=lambda p: (p.flops, p.iteration))

@@ -23,21 +23,6 @@ import numpy as np
 from megatron_cpt.errors import UsageError
 
 
-def tokenizer_sha256(tokenizer_dir: Path) -> str:
-    """The tokenizer's identity, computed as ``megatron-cpt prep tokenize`` records it."""
-    from data_prep.tokenizer import TextTokenizer
-
-    if not Path(tokenizer_dir).is_dir():
-        raise UsageError(f"{tokenizer_dir} not found; the checkpoint's tokenizer folder is missing")
-    return TextTokenizer(str(tokenizer_dir)).sha256
-
-
-def read_manifest(prefix: str | Path) -> dict:
-    from data_prep.manifest import load_manifest
-
-    return load_manifest(str(prefix))
-
-
 def check_prefix(prefix: str | Path, tokenizer_dir: Path, check_hashes: bool = True) -> dict:
     """Refuse a prefix that is missing, whose manifest does not match its files, or that was
     tokenized with another tokenizer (or EOD) than the model's. Returns the manifest.
