@@ -20,8 +20,6 @@ from typing import Iterator
 
 import numpy as np
 
-from megatron_cpt.errors import UsageError
-
 
 def check_prefix(prefix: str | Path, tokenizer_dir: Path, check_hashes: bool = True) -> dict:
     """Refuse a prefix that is missing, whose manifest does not match its files, or that was
