@@ -125,7 +125,8 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
 
     run_dir, run = Path(run_dir), RunFolder(run_dir)
     cfg = read_run(run_dir)
-    points = [p for p in scored_points(run_dir, selection) if not run.eval_result(p.iteration).is_file()]
+    points = [p for p in scored_points(run_dir, selection)
+              if not run.eval_result(p.iteration).is_file()]
     prefixes = {v.name or Path(v.prefix).name: _resolve(run_dir, v.prefix) for v in cfg.data.valid}
     run.eval_dir.mkdir(exist_ok=True)
     scored = []

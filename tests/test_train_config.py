@@ -86,7 +86,8 @@ def test_plan_run_and_study(capsys):
     assert capsys.readouterr().out == planned
     assert main(["plan", "--study", study, "--sizes", "7b", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["cell"] for r in rows} >= {"general", "medical"} and all(r["gpu_hours"] > 0 for r in rows)
+    assert {r["cell"] for r in rows} >= {"general", "medical"}
+    assert all(r["gpu_hours"] > 0 for r in rows)
 
 
 def test_check_passes_on_valid_config(toy, tmp_path, monkeypatch, capsys):

@@ -6,8 +6,9 @@ Requeue: the trainer owns the signals (SIGUSR1/USR2/TERM -> every rank saves one
 together and exits with ``run_folder.EXIT_REQUEUE``). :class:`TrainCell` turns that into
 ``scontrol requeue`` of the same job id, so the run folder, the array element and the
 ``afterok`` dependency of its evaluation all stay valid; the requeued job runs the same pickled
-callable and resumes the latest checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own USR2 handler (a signal that
-arrives before or after the trainer's handlers are installed) by resubmitting the same cell.
+callable and resumes the latest checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own
+USR2 handler (a signal that arrives before or after the trainer's handlers are installed) by
+resubmitting the same cell.
 """
 from __future__ import annotations
 

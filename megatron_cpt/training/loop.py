@@ -350,8 +350,8 @@ class Launch:
             self.save(it)
 
     def stop_early(self, want_stop: bool, stop: signals.StopFlag) -> int | None:
-        """Exit for requeue (``EXIT_REQUEUE``) with a checkpoint when a rank asked to stop (signal, walltime) or
-        this launch ran ``train.stop_after_iterations``; None to go on."""
+        """Exit for requeue (``EXIT_REQUEUE``) with a checkpoint when a rank asked to stop
+        (signal, walltime) or this launch ran ``train.stop_after_iterations``; None to go on."""
         it, stop_after = self.iteration, self.cfg.train.stop_after_iterations
         if it >= self.plan.budget.iterations:
             return None
