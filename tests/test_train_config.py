@@ -230,3 +230,15 @@ def test_retention_keeps_last_k_and_evaluation_grid(tmp_path):
     _retain(tmp_path, keep_last=2, keep_iterations={20, 40})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         iter_name(i) for i in (20, 40, 50, 60)]
+
+
+def test_fault_hooks_read_only_their_own_point(monkeypatch):
+    from megatron_cpt.training import fault_hooks
+
+    monkeypatch.delenv(fault_hooks.FAULT_ENV, raising=False)
+    assert fault_hooks.planned("nan_loss") is None
+    monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@7")
+    assert fault_hooks.planned("nan_loss") == 7 and fault_hooks.planned("crash_in_save") is None
+    fault_hooks.crash_if_planned("crash_in_save", 7)  # another point: returns
+    monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@x")
+    assert fault_hooks.planned("nan_loss") is None
