@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import zlib
 from pathlib import Path
 
 from megatron_cpt.launch.study import REPO_ROOT
+from megatron_cpt.run_folder import RunFolder
 
 STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
@@ -94,16 +96,14 @@ def base_model(out: Path, model: str, seed: int) -> str:
     make_hf_model(base / f"{model}-random-hf", model, seed=seed, tokenizer_dir=out / "tokenizer")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-random-hf"),
         "--out", str(base / f"{model}-random"), "--force")
-    run = base / f"{model}-pretrain"
-    cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run}",
+    run = RunFolder(base / f"{model}-pretrain")
+    cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run.path}",
         f"model.pretrained={base / f'{model}-random'}",
         f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
         f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
         f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    valid = [r["loss"] for r in records if r["kind"] == "valid"]
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    cli("convert", "mcore-to-hf", "--ckpt", str(run / "checkpoints" / latest),
+    valid = [r["loss"] for r in run.metrics() if r["kind"] == "valid"]
+    cli("convert", "mcore-to-hf", "--ckpt", str(run.checkpoints / run.latest_name()),
         "--out", str(base / f"{model}-hf"), "--force")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-hf"),
         "--out", str(out / "checkpoints" / model), "--name", model, "--force")
@@ -163,9 +163,9 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     from megatron_cpt.report.render import summary_table
 
     out = out.resolve()
-    os.environ.update(MCPT_STUDY_DIR=str(out / "study"), MCPT_DATA_ROOT=str(out / "data"),
-                      MCPT_CKPT_ROOT=str(out / "checkpoints"))
-    study = StudyConfig.load(STUDY)
+    # the demo's roots, passed explicitly (the caller's MCPT_* variables do not apply)
+    study = dataclasses.replace(StudyConfig.load(STUDY, use_env=False), study_dir=out / "study",
+                                data_root=out / "data", checkpoint_root=out / "checkpoints")
     cells = study.cells(corpora=corpora)
     needed = sorted({c.corpus for c in cells} | {"general"})
     timings = {}
