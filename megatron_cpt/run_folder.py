@@ -6,6 +6,7 @@ Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
     run.json                 config hash, world size, DP, budget (written at every start)
     metrics.jsonl            append-only log of train / valid / event records (rank 0)
     exit_status.json         the trainer's verdict: {code, iteration, iterations, reason}
+    lease.json               the one writer: host, job, pid, heartbeat (training/lease.py)
     checkpoints/iter_N/      committed checkpoints (written by training/checkpointing.py)
     checkpoints/latest       name of the checkpoint resume trusts
     eval/<iteration>.json    evaluation result of one scored point (``eval run``)
@@ -34,6 +35,7 @@ CONFIG = "config.yaml"
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EXIT_STATUS = "exit_status.json"
+LEASE = "lease.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 EVAL_DIR = "eval"
@@ -154,6 +156,10 @@ class RunFolder:
     @property
     def exit_status_path(self) -> Path:
         return self.path / EXIT_STATUS
+
+    @property
+    def lease_path(self) -> Path:
+        return self.path / LEASE
 
     @property
     def checkpoints(self) -> Path:

@@ -237,3 +237,58 @@ def test_crash_during_checkpoint_save_keeps_previous_and_resumes(toy, single, tm
     assert [r["details"] for r in resumed] == ["iter_0000010"]
     assert losses(run_dir) == losses(single)
 
+
+
+def _marked(marker: str) -> list:
+    """Every live process whose environment carries ``marker`` (a launch and all it started)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("MEGATRON_CPT_TEST_MARKER") == marker and p.status() != "zombie":
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_one_writer_kill9_agent_orphans_stop_and_relaunch_takes_over(toy, dp2, tmp_path):
+    """A second launch on a live run folder is refused; `kill -9` of torchrun's agent: its
+    workers and their checkpoint-writer helpers end by themselves; the relaunch takes the
+    lease over and reproduces the uninterrupted losses."""
+    import uuid
+
+    run_dir, marker = tmp_path / "run", uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGATRON_CPT_TEST_MARKER": marker,
+           "MEGATRON_CPT_TEST_FAULT": "slow_steps@11"}  # still running when we act
+    with tempfile.TemporaryFile("w+") as log:
+        first = subprocess.Popen(_cmd(2) + _args(toy, run_dir, []), env=env, cwd=ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        deadline, metrics = time.time() + 240, run_dir / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and sum(
+                '"train"' in x for x in metrics.read_text().splitlines()) >= 11):
+            time.sleep(0.2)
+        second = launch(toy, 1, run_dir)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"run folder {run_dir} is in use by host" in second.stderr, second.stderr[-2000:]
+        helpers = len(_marked(marker))
+        os.kill(first.pid, signal.SIGKILL)  # the agent only: its workers are in other sessions
+        killed_at = time.time()
+        while _marked(marker) and time.time() < killed_at + 20:
+            time.sleep(0.2)
+        survivors = [(p.pid, p.cmdline()[:3]) for p in _marked(marker)]
+        gone_after = time.time() - killed_at
+        first.wait(timeout=10)
+    assert not survivors, f"still alive {gone_after:.1f} s after kill -9 of the agent: {survivors}"
+    assert helpers >= 5, helpers  # agent, 2 workers and their writer helpers were seen
+    relaunch = launch(toy, 2, run_dir)
+    _ok(relaunch)
+    lease = [r for r in records(run_dir, "event") if r["event"] == "lease"]
+    assert len(lease) == 1 and "is gone" in lease[0]["details"], lease
+    resumed = [r["iteration"] for r in records(run_dir, "event") if r["event"] == "resume"]
+    assert resumed and resumed[0] >= 10, resumed
+    assert losses(run_dir) == losses(dp2)
+    assert not (run_dir / "lease.json").exists()
+    print(f"kill -9 agent: {helpers} processes, all gone {gone_after:.1f} s later; relaunch took "
+          f"the lease over, resumed at {resumed[0]}, 30/30 losses equal")

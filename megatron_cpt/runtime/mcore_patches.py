@@ -41,11 +41,39 @@ def require_tested_mcore(patch: str) -> None:
                        "to try this version")
 
 
-def _ignore_stop_signals() -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this helper when the trainer that started it dies, even by SIGKILL: Linux's
+    parent-death signal, and a parent-pid watch thread where prctl is unavailable."""
+    import signal
+    import threading
+    import time
+
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the trainer died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _writer_helper_init(parent: int) -> None:
+    """Initializer of the writer queue's server process: ignore the stop signals, die with
+    the trainer."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent(parent)
 
 
 def signal_proof_writer_queue() -> None:
@@ -55,7 +83,9 @@ def signal_proof_writer_queue() -> None:
     requeue``) and ``--signal=USR1`` to every process of the job step, so that server died on
     the very signal that asked for the save and the save failed with BrokenPipeError. Start
     the server ourselves with those signals ignored; the trainer's own processes keep
-    handling them (flag -> agreed stop -> save). Idempotent."""
+    handling them (flag -> agreed stop -> save). Since it ignores them, it ends itself when
+    the trainer dies (``_die_with_parent``), or a killed trainer would leave it behind.
+    Idempotent."""
     global _WRITER_MANAGER
     from multiprocessing import get_context
     from multiprocessing.managers import SyncManager
@@ -66,5 +96,5 @@ def signal_proof_writer_queue() -> None:
         return
     require_tested_mcore("signal_proof_writer_queue")
     _WRITER_MANAGER = SyncManager(ctx=get_context("spawn"))
-    _WRITER_MANAGER.start(initializer=_ignore_stop_signals)
+    _WRITER_MANAGER.start(initializer=_writer_helper_init, initargs=(os.getpid(),))
     filesystem_async._results_queue = _WRITER_MANAGER.Queue()

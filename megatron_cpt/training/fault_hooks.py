@@ -3,7 +3,9 @@
 Points:
   * ``crash_in_save@N``: every rank exits :data:`FAULT_EXIT` between writing the weights of
     checkpoint N and committing its folder (checkpointing.py);
-  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py).
+  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
+  * ``slow_steps@N``: every iteration from N on takes a second longer (loop.py), so a test
+    can act on a launch that is still running.
 The loop reads its fault once per launch; each step costs one integer comparison.
 """
 from __future__ import annotations

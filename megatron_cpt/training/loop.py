@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_cpt import run_folder as rf
 from megatron_cpt.run_folder import RunFolder
-from megatron_cpt.training import checkpointing, data, fault_hooks, signals
+from megatron_cpt.training import checkpointing, data, fault_hooks, lease, signals
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.metrics import Metrics, event
 from megatron_cpt.training.preflight import RunPlan, prepare
@@ -238,6 +238,7 @@ class Launch:
         self.forward_step = _forward_step(cfg.data.seq_length)
         self.flops_per_iter = plan.budget.flops_per_token * plan.budget.tokens_per_iteration
         self.nan_loss_at = fault_hooks.planned("nan_loss")
+        self.slow_from = fault_hooks.planned("slow_steps")
 
     def _resume(self, ckpt) -> int:
         """Load the latest checkpoint (later launches); returns the iteration to start at."""
@@ -305,6 +306,8 @@ class Launch:
         loss = float(agree[0] / agree[1])
         if it + 1 == self.nan_loss_at:  # tests only (fault_hooks)
             loss = float("nan")
+        if self.slow_from is not None and it + 1 >= self.slow_from:
+            time.sleep(1.0)
         return loss, bool(agree[2] > 0)
 
     def stop_nonfinite(self, loss: float) -> int:
@@ -405,13 +408,27 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
 
     plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    guard, took_over = lease.take(RunFolder(cfg.run_dir))  # one writer per run folder
+    try:
+        code = _run_launch(plan, took_over)
+    finally:
+        guard.release()
+    shutdown()
+    return code
+
+
+def _run_launch(plan: RunPlan, took_over: str | None) -> int:
+    """Record the run, build the launch, run its steps and write the verdict (collective)."""
     launch = Launch(plan, record_run(plan), _device())
-    stop = signals.StopFlag(cfg.train.exit_before_walltime_min).install()
+    if took_over:
+        launch.metrics.write({"kind": "event", "iteration": launch.iteration, "event": "lease",
+                              "details": took_over})
+        event(took_over)
+    stop = signals.StopFlag(plan.cfg.train.exit_before_walltime_min).install()
     try:
         code = run_steps(launch, stop)
         launch.finish(code)
     finally:
         stop.uninstall()
         launch.close()
-    shutdown()
     return code

@@ -9,6 +9,7 @@ from pathlib import Path
 from megatron_cpt.errors import UsageError
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import budget as budget_mod
+from megatron_cpt.training import lease
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.data import check_prefix
 
@@ -39,6 +40,7 @@ def world_size_from_env() -> int:
 
 
 def check_run_dir(cfg: TrainConfig, config_hash: str, force: bool) -> None:
+    lease.check_free(RunFolder(cfg.run_dir))
     info = RunFolder(cfg.run_dir).run_info()
     if info is not None and not force:
         old = info.get("config_hash")
