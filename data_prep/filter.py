@@ -25,7 +25,11 @@ import time
 
 import numpy as np
 
+from data_prep import report as run_report
+from data_prep.dedup import DedupConfig, load_decisions
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
+from data_prep.language import LanguageConfig
+from data_prep.quality import QualityConfig
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
 from megatron_cpt.errors import UsageError
 
@@ -49,6 +53,9 @@ class FilterConfig:
     seed: int = 0
     unit_bytes: int = DEFAULT_UNIT_BYTES
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict | None = None) -> "FilterConfig":
@@ -85,6 +92,9 @@ class FilterConfig:
         control = raw.pop("control", {}) or {}
         token_count = raw.pop("token_count", {}) or {}
         ex = raw.pop("executor", {}) or {}
+        stages = {"dedup": DedupConfig.from_raw(raw.pop("dedup", None), source),
+                  "language": LanguageConfig.from_raw(raw.pop("language", None), source),
+                  "quality": QualityConfig.from_raw(raw.pop("quality", None), source)}
         if isinstance(ex, str):
             ex = {"kind": ex}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -107,7 +117,7 @@ class FilterConfig:
                    exam_files=list(decon.get("exam_files", []) or []), ngram=int(decon.get("ngram", 13)),
                    tokenizer=token_count.get("tokenizer"),
                    general_token_target=general.get("token_target"),
-                   controls=bool(control.get("enabled", True)), executor=executor, **raw)
+                   controls=bool(control.get("enabled", True)), executor=executor, **stages, **raw)
 
 
 class FilterStep(UnitStep):
@@ -127,28 +137,35 @@ class FilterStep(UnitStep):
         return [len(ids) + 1 for ids in self.tokenizer.encode_batch(texts)]  # + EOD
 
     def process(self, unit, rank: int) -> None:
+        from data_prep.dedup import load_decisions
+        from data_prep.gate import Gate
+
         cfg = self.cfg
+        gate = Gate(load_decisions(self.work_dir), rank, cfg.language, cfg.quality, cfg.text_field)
         drops = DropCounter()
         reader = RecordReader(cfg.text_field, cfg.id_field, keep_raw=True)
         base = self.shard_path(rank)
         domains = list(cfg.thresholds)
-        removed, tokens, probs = [], [], []
+        removed, tokens, probs, clean_bytes = [], [], [], [0]
         outs = {d: open(f"{base}.{d}.jsonl", "w", encoding="utf-8") for d in domains}
         all_out = open(f"{base}.all.jsonl", "w", encoding="utf-8")
         batch: list = []
 
         def flush():
             clean = []
-            for rec in batch:
-                hit = self.exam_index.match(rec.text) if self.exam_index else None
+            hits = gate.timed("decontaminate", batch, lambda: [self.exam_index.match(r.text) if self.exam_index
+                                                               else None for r in batch])
+            for rec, hit in zip(batch, hits):
                 if hit:
                     drops.add("contaminated", unit.path, rec.line, f"{rec.id} ~ {hit[0]}")
                     removed.append({"id": rec.id, "exam_item": hit[0], "ngram": hit[1],
-                                    "file": unit.path, "line": rec.line})
+                                    "file": unit.path, "line": rec.line,
+                                    **self.exam_index.item_info.get(hit[0], {})})
+                    gate.dropped_bytes["contaminated"] = gate.dropped_bytes.get("contaminated", 0) + rec.nbytes
                 else:
                     clean.append(rec)
-            ps = self.classifier.probs_batch([r.text for r in clean])
-            ns = self.count_tokens([r.text for r in clean])
+            ps = gate.timed("classify", clean, lambda: self.classifier.probs_batch([r.text for r in clean]))
+            ns = gate.timed("count_tokens", clean, lambda: self.count_tokens([r.text for r in clean]))
             for rec, p, n in zip(clean, ps, ns):
                 obj = dict(rec.raw)
                 obj[cfg.id_field] = rec.id
@@ -160,6 +177,7 @@ class FilterStep(UnitStep):
                     if p.get(d, 0.0) >= cfg.thresholds[d]:
                         outs[d].write(line)
                 tokens.append(n)
+                clean_bytes[0] += rec.nbytes
                 probs.append([p.get(d, 0.0) for d in domains])
             batch.clear()
 
@@ -168,6 +186,10 @@ class FilterStep(UnitStep):
         with tqdm(desc=f"filter task {rank}", unit=" docs", disable=not self.progress, position=rank % 8,
                   leave=False, mininterval=1.0) as bar:
             for rec in reader.read(unit, drops):
+                verdict = gate.check(rec)
+                if verdict:
+                    drops.add(verdict[0], unit.path, rec.line, verdict[1])
+                    continue
                 batch.append(rec)
                 if len(batch) >= 512:
                     bar.update(len(batch))
@@ -180,7 +202,8 @@ class FilterStep(UnitStep):
                  probs=np.asarray(probs, dtype=np.float32).reshape(len(tokens), len(domains)))
         with open(f"{base}.json", "w") as fh:
             json.dump({"unit": unit.to_dict(), "lines": reader.lines, "documents": len(tokens),
-                       "dropped": drops.to_dict(), "removed": removed}, fh)
+                       "dropped": drops.to_dict(), "removed": removed, "gate": gate.stats(),
+                       "clean_bytes": clean_bytes[0]}, fh)
 
 
 def _sample_to_tokens(tokens: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
@@ -290,13 +313,25 @@ class _FilterMerge:
         }
         if docs_in != len(tokens) + drops.total:
             raise RuntimeError("document accounting mismatch in filter (this is a bug)")
+        report.update(run_report.pipeline_section(cfg, stats, load_decisions(self.work_dir)))
         with open(os.path.join(out, "filter_report.json"), "w") as fh:
             json.dump(report, fh, indent=2)
+        run_report.write(out, report)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+class _FilterStage:
+    """Picklable: the classify+decontaminate pass and its merge (locally, or submitted to SLURM)."""
+
+    def __init__(self, step, n_tasks, executor, logs, merge):
+        self.step, self.n_tasks, self.executor, self.logs, self.merge = step, n_tasks, executor, logs, merge
+
+    def __call__(self) -> bool:
+        return run_units(self.step, self.n_tasks, self.executor, self.logs, merge_fn=self.merge)
 
 
 def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
@@ -318,7 +353,15 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
     os.makedirs(work_dir)
     step = FilterStep(units, work_dir, cfg, clf, index, tok, progress=progress)
     merge = _FilterMerge(cfg, units, work_dir, files, clf.labels, started, progress)
-    done = run_units(step, len(units), cfg.executor, os.path.join(out, "logs"), merge_fn=merge)
+    stage = _FilterStage(step, len(units), cfg.executor, os.path.join(out, "logs"), merge)
+    if cfg.dedup.enabled:  # dedup pass first; its merge (a SLURM job there) starts the filter pass
+        from data_prep.dedup import DedupMerge, SignatureStep
+
+        sigs = SignatureStep(units, work_dir, cfg.dedup, cfg.text_field, cfg.id_field)
+        done = run_units(sigs, len(units), cfg.executor, os.path.join(out, "logs", "dedup"),
+                         merge_fn=DedupMerge(cfg.dedup, len(units), work_dir, then=stage))
+    else:
+        done = stage()
     if not done:
         return None
     with open(os.path.join(out, "filter_report.json")) as fh:
