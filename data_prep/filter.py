@@ -331,7 +331,13 @@ class _FilterStage:
         self.step, self.n_tasks, self.executor, self.logs, self.merge = step, n_tasks, executor, logs, merge
 
     def __call__(self) -> bool:
-        return run_units(self.step, self.n_tasks, self.executor, self.logs, merge_fn=self.merge)
+        # run by the dedup merge job on SLURM (an array task): datatrove would take this
+        # submission for a task of its own while SLURM_ARRAY_TASK_ID is set
+        saved = {k: os.environ.pop(k) for k in ("SLURM_ARRAY_TASK_ID", "RUN_OFFSET") if k in os.environ}
+        try:
+            return run_units(self.step, self.n_tasks, self.executor, self.logs, merge_fn=self.merge)
+        finally:
+            os.environ.update(saved)
 
 
 def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
