@@ -236,6 +236,15 @@ def test_tokenize_is_byte_identical_to_megatron_indexed_dataset_builder(tmp_path
     assert manifest["dropped"] == {"empty_text": 3} and manifest["documents"] == len(kept)
     ds = IndexedDataset(prefix)
     assert len(ds) == len(kept) and list(ds[len(kept) - 1][-1:]) == [tok.eod_id]
+    # Megatron-LM's encoder (tools/preprocess_data.py, --append-eod) on the same documents: an
+    # empty text gives add_document([], []) -- a document with no sequence -- and whitespace is
+    # tokenized and kept with its EOD; both only pad the data with non-text
+    mlm = IndexedDatasetBuilder(str(tmp_path / "mlm.bin"), dtype=tok.dtype)
+    for ids in tok.encode_batch(docs):
+        mlm.add_document(np.array(ids + [tok.eod_id] if ids else [], dtype=tok.dtype), [len(ids) + 1] if ids else [])
+    mlm.finalize(str(tmp_path / "mlm.idx"))
+    theirs = IndexedDataset(str(tmp_path / "mlm"))
+    assert len(theirs) == len(docs) - 1 and len(theirs.document_indices) == len(docs) + 1
 
 
 # ------------------------------------------------------------------------- report and sample
