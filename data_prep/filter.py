@@ -11,7 +11,12 @@ Outputs under ``output`` (JSONL, one object per document: the input record plus 
 * ``filter_report.json`` — documents/tokens in, per output and per threshold, drops per
   reason, and every decontaminated document with the exam item it matched.
 
-Contaminated documents are removed before anything else, so from every output. Work is
+Before that, in this order and each switchable: exact + MinHash deduplication (a first pass over
+the whole corpus, ``data_prep.dedup``), language identification (``data_prep.language``) and
+datatrove's Gopher / C4 rules (``data_prep.quality``), run per document by ``data_prep.gate``.
+``prep_report.{json,md}`` and ``funnel.png`` (``data_prep.report``) summarize the run.
+
+Contaminated documents are removed before classification, so from every output. Work is
 split into datatrove tasks per input unit; the merge is sequential and seeded, so outputs
 are identical whatever the number of tasks.
 """
@@ -28,9 +33,9 @@ import numpy as np
 from data_prep import report as run_report
 from data_prep.dedup import DedupConfig, load_decisions
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
+from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
 from data_prep.language import LanguageConfig
 from data_prep.quality import QualityConfig
-from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
 from megatron_cpt.errors import UsageError
 
 DEFAULT_SWEEP = (0.3, 0.5, 0.7, 0.9)
@@ -137,7 +142,6 @@ class FilterStep(UnitStep):
         return [len(ids) + 1 for ids in self.tokenizer.encode_batch(texts)]  # + EOD
 
     def process(self, unit, rank: int) -> None:
-        from data_prep.dedup import load_decisions
         from data_prep.gate import Gate
 
         cfg = self.cfg
