@@ -233,7 +233,8 @@ def _paired(runs: list[dict], mb: float, docs: int, workdir: str) -> dict:
         walls = [r[name]["wall_s"] for r in runs]
         out["per_tool"][name] = {"wall_s": _summary(walls), "mb_per_s_median": round(mb / _summary(walls)["median"], 2),
                                  "docs_per_s_median": round(docs / _summary(walls)["median"], 1),
-                                 "peak_rss_mb_max": max(r[name].get("peak_rss_mb", 0) for r in runs)}
+                                 "peak_rss_mb_max": max((r[name]["peak_rss_mb"] for r in runs
+                                                         if "peak_rss_mb" in r[name]), default=None)}
     out["ratio_ceiling_over_megatron_cpt"] = _summary([r["encode_batch"]["wall_s"] / r["megatron-cpt"]["wall_s"]
                                                        for r in runs])
     if "megatron-lm" in tools:

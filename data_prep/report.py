@@ -36,7 +36,8 @@ def pipeline_section(cfg, shard_stats: list[dict], dedup: dict | None) -> dict:
     if dedup:
         stages.setdefault("dedup", {"documents": 0, "bytes": 0})["seconds"] = dedup["signature_seconds"]
     throughput = {name: {"documents": s["documents"], "cpu_seconds": round(s["seconds"], 4),
-                         "documents_per_s_per_core": round(s["documents"] / s["seconds"], 1) if s["seconds"] else None}
+                         "documents_per_s_per_core": round(s["documents"] / s["seconds"], 1) if s["seconds"] else None,
+                         "mb_per_s_per_core": round(s["bytes"] / 1e6 / s["seconds"], 3) if s["seconds"] else None}
                   for name, s in stages.items()}
     section = {"languages": dict(sorted(gate.get("languages", {}).items(), key=lambda kv: -kv[1])),
                "throughput": throughput, "dropped_bytes": gate.get("dropped_bytes", {}),
@@ -118,7 +119,7 @@ def markdown(full: dict) -> str:
               *_table(full["decontamination_hits"], ["exam", "split", "documents_removed"]),
               "", "## Throughput (documents per CPU-second = per core)", "",
               *_table([{"stage": k, **v} for k, v in full["throughput"].items()],
-                      ["stage", "documents", "cpu_seconds", "documents_per_s_per_core"])]
+                      ["stage", "documents", "cpu_seconds", "documents_per_s_per_core", "mb_per_s_per_core"])]
     return "\n".join(lines) + "\n"
 
 

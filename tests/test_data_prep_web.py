@@ -263,6 +263,10 @@ def test_sample_report_funnel_adds_up(tmp_path, classifier, monkeypatch):  # noq
         assert row["documents_in"] == row["documents_out"] + row["dropped"] == row["documents_out"] + sum(
             row["reasons"].values())
     assert rep["funnel"][-1]["documents_out"] == rep["documents_clean"]
+    # the mirrored crawl: 3 exact + 3 edited copies and 3 pages in other languages
+    assert {k: rep["dropped"][k] for k in ("duplicate_exact", "near_duplicate", "language")} == {
+        "duplicate_exact": 3, "near_duplicate": 3, "language": 3}
+    assert rep["languages"]["pt"] == 2 and rep["dedup"]["clusters"]["count"] == 6
     assert rep["throughput"]["language"]["documents_per_s_per_core"] > 0
     md = (out / "prep_report.md").read_text()
     assert "## Funnel" in md and "gopher_repetition" in md and (out / "funnel.png").stat().st_size > 1000
