@@ -272,6 +272,24 @@ def test_sample_report_funnel_adds_up(tmp_path, classifier, monkeypatch):  # noq
     assert "## Funnel" in md and "gopher_repetition" in md and (out / "funnel.png").stat().st_size > 1000
 
 
+def test_report_counts_decontamination_hits_per_exam_and_split(tmp_path, classifier, monkeypatch):  # noqa: F811
+    from test_data_prep import REPO
+
+    monkeypatch.chdir(REPO)
+    with open(os.path.join(REPO, "configs", "data", "sample.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    exam = tmp_path / "exam_dev.jsonl"  # the sample's exam items, marked as a dev split
+    exam.write_text("".join(json.dumps({**json.loads(x), "split": "dev"}) + "\n"
+                            for x in open(os.path.join(REPO, "data_prep", "samples", "exam_sample.jsonl"))))
+    cfg.update(output=str(tmp_path / "out"), classifier=classifier[0])
+    cfg["decontamination"]["exam_files"] = ["eval/exams/legal.jsonl", str(exam)]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_cli(["filter", "--config", str(tmp_path / "s.yaml")]) == 0
+    rep = json.loads((tmp_path / "out" / "prep_report.json").read_text())
+    assert rep["decontamination_hits"] == [{"exam": "exam_dev.jsonl", "split": "dev", "documents_removed": 2}]
+    assert "| exam_dev.jsonl | dev | 2 |" in (tmp_path / "out" / "prep_report.md").read_text()
+
+
 # ---------------------------------------------------------------------------------- SLURM
 def _wait_for(paths, timeout=600):
     deadline = time.time() + timeout
