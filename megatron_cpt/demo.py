@@ -69,8 +69,8 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
 
     tok = train_tokenizer(out / "tokenizer", vocab_size=1024,
                           texts=[d["text"] for d in files["general_train"]])
-    for name, rows in files.items():
-        tokenize([str(paths[name])], str(tok), str(out / "data" / name), workers=1,
+    for name, path in paths.items():
+        tokenize([str(path)], str(tok), str(out / "data" / name), workers=1,
                  progress=False)
     sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
              for n in files}
