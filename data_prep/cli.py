@@ -127,7 +127,7 @@ def _filter(args) -> int:
         print(f"submitted SLURM jobs; the report will be at {os.path.join(cfg.output, 'filter_report.json')}")
         return 0
     print(report_table(report))
-    print(f"wrote {os.path.join(cfg.output, 'filter_report.json')}")
+    print(f"wrote {os.path.join(cfg.output, 'prep_report.md')} (+ prep_report.json, funnel.png, filter_report.json)")
     return 0
 
 
