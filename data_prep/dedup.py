@@ -136,7 +136,9 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
 
 def _band_edges(bands: np.ndarray, members: np.ndarray) -> np.ndarray:
     """Edges (first member, other member) within every group of equal band keys."""
-    edges = []
+    edges = [np.zeros((0, 2), np.int64)]
+    if len(members) < 2:
+        return edges[0]
     for b in range(bands.shape[1]):
         keys = bands[members, b]
         order = np.argsort(keys, kind="stable")
@@ -145,7 +147,7 @@ def _band_edges(bands: np.ndarray, members: np.ndarray) -> np.ndarray:
         first = np.repeat(sm[starts], np.diff(np.r_[starts, len(sk)]))
         pair = first != sm
         edges.append(np.stack([first[pair], sm[pair]], axis=1))
-    return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    return np.concatenate(edges)
 
 
 def decide(content: np.ndarray, bands: np.ndarray, has_sig: np.ndarray, near: bool, exact: bool):

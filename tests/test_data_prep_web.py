@@ -101,6 +101,10 @@ def test_dedup_decision_is_first_occurrence_and_exact_before_near():
     assert list(keeper) == [0, 1, 0, 1, 4]
     reason, _ = decide(content, bands, np.array([True] * 5), near=False, exact=True)
     assert list(reason) == ["", "", "duplicate_exact", "", ""]
+    empty = decide(np.zeros(0, "S16"), np.zeros((0, 2), np.uint64), np.zeros(0, bool), near=True, exact=True)
+    assert [len(x) for x in empty] == [0, 0]  # an empty corpus (every record dropped while reading)
+    reason, _ = decide(content[:2], bands[[0, 0]], np.array([True, False]), near=True, exact=True)
+    assert list(reason) == ["", ""]  # a document too short for MinHash is deduplicated exactly only
 
 
 # --------------------------------------------------------------------------------- language
