@@ -95,6 +95,41 @@ def load_manifest(prefix: str) -> dict:
         raise UsageError(f"{path} is not valid JSON ({exc}): re-run `megatron-cpt prep tokenize`") from exc
 
 
+STAMP_SUFFIX = ".verified.json"
+
+
+def _stamp_of(prefix: str, manifest: dict) -> dict:
+    """What a verified stamp vouches for: each file's size, mtime, ctime (which no tool can
+    set back) and the manifest's sha256."""
+    stamp = {"tokenizer_sha256": manifest["tokenizer"].get("sha256")}
+    for ext in ("bin", "idx"):
+        st = os.stat(f"{prefix}.{ext}")
+        stamp[ext] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                      "sha256": manifest.get(f"{ext}_sha256")}
+    return stamp
+
+
+def _stamped(prefix: str, manifest: dict) -> bool:
+    """True when ``PREFIX.verified.json`` says these very files were hashed and matched."""
+    try:
+        with open(prefix + STAMP_SUFFIX) as fh:
+            return json.load(fh) == _stamp_of(prefix, manifest)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(prefix: str, manifest: dict) -> None:
+    """Record a successful hash check; a read-only data folder just means hashing again."""
+    tmp = f"{prefix}{STAMP_SUFFIX}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(_stamp_of(prefix, manifest), fh)
+        os.replace(tmp, prefix + STAMP_SUFFIX)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None = None,
                   eod_token: str | None = None) -> dict:
     """Check ``prefix.bin/.idx`` against ``prefix.manifest.json``; return the manifest.
@@ -103,6 +138,10 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
     ``check_hashes=False`` checks sizes only (fast for very large datasets). With ``tokenizer``
     (a tokenizer folder or .model), also refuses data tokenized with a different tokenizer
     (sha256 of tokenizer.json / .model) or a different EOD id.
+
+    Hashes are checked once: a match is stamped in ``PREFIX.verified.json`` (size, mtime and
+    sha256 of each file, the tokenizer's sha256) and later calls trust the stamp while size
+    and mtime are unchanged; any write to the files changes the mtime and they are re-hashed.
     """
     from data_prep.indexed import sha256_file
 
@@ -111,15 +150,18 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
     for ext in ("bin", "idx"):
         if not os.path.isfile(f"{prefix}.{ext}"):
             raise UsageError(f"{prefix}.{ext} is missing: re-run `megatron-cpt prep tokenize` for this prefix")
+    hash_now = check_hashes and not _stamped(prefix, manifest)
     for ext in ("bin", "idx"):
         path = f"{prefix}.{ext}"
         size = os.path.getsize(path)
         if size != manifest.get(f"{ext}_bytes"):
             raise UsageError(f"{path} has {size} bytes but its manifest says {manifest.get(f'{ext}_bytes')}: "
                              "the file was modified or truncated; re-run `megatron-cpt prep tokenize`")
-        if check_hashes and sha256_file(path) != manifest.get(f"{ext}_sha256"):
+        if hash_now and sha256_file(path) != manifest.get(f"{ext}_sha256"):
             raise UsageError(f"{path} does not match the sha256 in its manifest: the file was modified; "
                              "re-run `megatron-cpt prep tokenize`")
+    if hash_now:
+        _write_stamp(prefix, manifest)
     if tokenizer is not None:
         from data_prep.text_tokenizer import TextTokenizer
 

@@ -114,14 +114,21 @@ def _schedule(cfg: TrainConfig, model) -> tuple[budget_mod.Budget, set, int]:
     return bud, keep, valid_every
 
 
+def _hashing_rank() -> bool:
+    """Only global rank 0 hashes the data (the others check sizes): one read per launch, and
+    none once the prefix carries a verified stamp (data_prep.manifest.verify_prefix)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0
+
+
 def _check_data(cfg: TrainConfig, tok_dir: Path) -> list[dict]:
     """Manifests of the training then the validation prefixes, each checked against the
     model's tokenizer and long enough for one sequence."""
     seq, manifests = cfg.data.seq_length, []
+    hashes = cfg.data.check_hashes and _hashing_rank()
     for pre in cfg.data.train:
-        manifests.append(check_prefix(pre.prefix, tok_dir, cfg.data.check_hashes))
+        manifests.append(check_prefix(pre.prefix, tok_dir, hashes))
     for pre in cfg.data.valid:
-        man = check_prefix(pre.prefix, tok_dir, cfg.data.check_hashes)
+        man = check_prefix(pre.prefix, tok_dir, hashes)
         name = pre.name or Path(pre.prefix).name
         if man.get("documents", 0) < 1 or man.get("tokens", 0) < seq + 1:
             raise UsageError(f"validation prefix {name!r} holds {man.get('tokens', 0)} tokens in "
