@@ -103,6 +103,30 @@ def test_dry_run_prints_the_plan(capsys):
     assert "4x1" in row and "2.000e+10" in row
 
 
+def test_dry_run_marks_each_cell_ready_or_missing(tmp_path, capsys, toy, monkeypatch):
+    """The dry run runs the input checks of a real launch: a missing prefix is named."""
+    for var in ("MCPT_STUDY_DIR", "MCPT_DATA_ROOT", "MCPT_CKPT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    data, ckpts = tmp_path / "data", tmp_path / "ckpts"
+    data.mkdir()
+    ckpts.mkdir()
+    (ckpts / "qwen2.5-7b").symlink_to(toy["pretrained"])
+    links = {**toy["prefixes"], "medical_valid": toy["prefixes"]["legal_valid"]}
+    for name, target in links.items():  # the legal cell has all it reads; medical_train is missing
+        for ext in (".bin", ".idx", ".manifest.json"):
+            (data / (name + ext)).symlink_to(target + ext)
+    s = str(_study_yaml(tmp_path / "study.yaml", study_dir=str(tmp_path / "runs"),
+                        data_root=str(data), checkpoint_root=str(ckpts),
+                        domains=["legal", "medical"], controls=[]))
+    assert main(["launch", "grid", "--study", s, "--dry-run", "--sizes", "7b",
+                 "--domains", "legal", "medical"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("7b/")}
+    assert rows["7b/legal"].endswith("ready") and rows["7b/medical"].endswith("missing"), out
+    assert f"missing: 7b/medical: data prefix {data}/medical_train has no .bin/.idx" in out, out
+    assert not (tmp_path / "runs").exists()  # nothing submitted, nothing written
+
+
 # ---------------------------------------------------------------- the real local cluster
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, toy):
@@ -282,3 +306,28 @@ def test_submitit_cell_requeues_the_same_job(slurm_cluster, tiny_study, capsys, 
     assert main(["launch", "status", "--study", str(path), "--json"]) == 0
     row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-a/legal")
     assert row["state"] == "COMPLETED" and row["iteration"] == 40 and row["requeues"] == 2, row
+
+
+def test_grid_does_not_submit_a_cell_whose_job_state_is_unknown(slurm_cluster, tiny_study, capsys,
+                                                                  monkeypatch, tmp_path):
+    """A real `scontrol` that cannot reach its controller (a copy of the cluster's config
+    with another port): the job may still run, so the cell is not submitted again."""
+    conf = tmp_path / "unreachable.conf"
+    lines = [x for x in Path(slurm_cluster).read_text().splitlines()
+             if not x.startswith(("SlurmctldPort=", "MessageTimeout="))]
+    conf.write_text("\n".join(lines + ["SlurmctldPort=6999", "MessageTimeout=2"]) + "\n")
+    study_dir = tiny_study["root"] / "grid-unknown"
+    study_dir.mkdir()
+    entry = {"train_job": "424242", "executor": "slurm", "submitted": time.time()}
+    (study_dir / "launches.json").write_text(json.dumps({"tiny-a/legal": entry}))
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    assert main(["launch", "grid", "--study", str(tiny_study["path"]), "--sizes", "tiny-a",
+                 "--domains", "legal", "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-a/legal" in out and "not submitted: state of job 424242 unknown" in out, out
+    assert "Unable to contact slurm controller" in out, out
+    assert json.loads((study_dir / "launches.json").read_text()) == {"tiny-a/legal": entry}
+    assert main(["launch", "status", "--study", str(tiny_study["path"])]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiny-a/legal"))
+    assert "UNKNOWN" in row, row

@@ -22,7 +22,7 @@ from pathlib import Path
 from megatron_cpt import run_folder as rf
 from megatron_cpt.errors import UsageError
 from megatron_cpt.launch.study import Cell, StudyConfig, check_inputs, check_resources, \
-    write_study_json
+    input_problem, write_study_json
 from megatron_cpt.training.signals import parse_slurm_duration
 
 
@@ -127,7 +127,8 @@ def eval_job(cell: Cell) -> EvalCell:
 
 
 def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
-    """Cells with resources, tokens, FLOPs and GPU-hours (``plan --study`` and ``--dry-run``)."""
+    """Cells with resources, tokens, FLOPs, GPU-hours and ``inputs`` (the input checks a real
+    launch runs: None when ready, else what is missing) (``plan --study`` and ``--dry-run``)."""
     from megatron_cpt.models.qwen2 import ModelConfig
     from megatron_cpt.training.budget import cost_estimate
 
@@ -137,7 +138,7 @@ def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) 
         cfg = cell.train_config()
         row = cost_estimate(cfg, ModelConfig.load(cell.size.model), cell.gpus or cell.world_size,
                             mfu, peak_tflops)
-        rows.append({**cell.describe(), "time": cell.size.time, **{
+        rows.append({**cell.describe(), "time": cell.size.time, "inputs": input_problem(cell), **{
             k: row[k] for k in ("params", "tokens", "flops", "iterations", "gpu_hours", "wall_hours")}})
     return rows
 
@@ -196,10 +197,17 @@ def _already(cell: Cell, launches: dict) -> str | None:
     on one run folder would corrupt it), or its run is done."""
     from megatron_cpt.launch.status import slurm_job
 
-    job_id = (launches.get(cell.name) or {}).get("train_job")
-    state = slurm_job(job_id).get("JobState", "")
+    from megatron_cpt.launch.status import UNKNOWN
+
+    entry = launches.get(cell.name) or {}
+    job_id = entry.get("train_job")
+    job = {} if entry.get("executor") == "local" else slurm_job(job_id)
+    state = job.get("JobState", "")
     if state in ACTIVE_STATES:
         return f"job {job_id} is {state}"
+    if state == UNKNOWN:
+        return (f"state of job {job_id} unknown ({job['Reason']}); a second job on its run "
+                "folder would be refused by its lease, rerun when SLURM answers")
     exit_status = rf.RunFolder(cell.run_dir).exit_status()
     if exit_status and exit_status.get("code") == rf.EXIT_OK:
         return "done"

@@ -10,18 +10,26 @@ from megatron_cpt import run_folder as rf
 from megatron_cpt.launch.study import Cell, StudyConfig
 
 
+UNKNOWN = "UNKNOWN"  # SLURM did not answer: the job may still be running
+
+
 def slurm_job(job_id: str | None) -> dict:
-    """``scontrol show job`` fields (JobState, Restarts, ...) or {} when SLURM no longer
-    knows the job (finished longer than MinJobAge ago, or no SLURM here)."""
+    """``scontrol show job`` fields (JobState, Restarts, ...); {} when SLURM answers that it
+    no longer knows the job (finished longer than MinJobAge ago); ``JobState=UNKNOWN`` with
+    the error as ``Reason`` when scontrol itself fails (controller down, timeout, no SLURM
+    here): a job we cannot see is not a job that is gone."""
     if not job_id:
         return {}
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
                              text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return {}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"JobState": UNKNOWN, "Reason": f"scontrol failed: {exc}"}
     if out.returncode:
-        return {}
+        if "Invalid job id" in out.stderr:
+            return {}
+        lines = out.stderr.strip().splitlines() or [f"scontrol exited {out.returncode}"]
+        return {"JobState": UNKNOWN, "Reason": lines[-1]}
     fields = {}
     for token in out.stdout.split():
         key, _, value = token.partition("=")
@@ -60,9 +68,10 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
     rows = []
     for cell in cells:
         entry = launches.get(cell.name, {})
-        slurm = slurm_job(entry.get("train_job"))
+        local = entry.get("executor") == "local"  # no SLURM job to ask about
+        slurm = {} if local else slurm_job(entry.get("train_job"))
         progress = run_progress(cell.run_dir)
-        eval_slurm = slurm_job(entry.get("eval_job"))
+        eval_slurm = {} if local else slurm_job(entry.get("eval_job"))
         requeues = max(progress["resumes"], int(slurm.get("Restarts", 0) or 0),
                        int(entry.get("restarts", 0)))
         rows.append({"cell": cell.name, "job": entry.get("train_job"),

@@ -270,6 +270,15 @@ def check_resources(cell: Cell) -> None:
                          "or batch.global_batch_size")
 
 
+def input_problem(cell: Cell) -> str | None:
+    """:func:`check_inputs`' verdict as text (None: ready); ``launch grid --dry-run`` shows it."""
+    try:
+        check_inputs(cell)
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
 def check_inputs(cell: Cell) -> None:
     """Everything a cell reads must exist before anything is submitted."""
     from megatron_cpt.checkpoint import store
