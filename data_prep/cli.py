@@ -79,7 +79,8 @@ def register(sub, name: str, help_text: str) -> None:
     # -- stats -----------------------------------------------------------------------------
     st = prep_sub.add_parser("stats", help="print a table of tokenized prefixes (from their manifests)")
     st.add_argument("prefixes", nargs="+", help="PREFIX (or PREFIX.bin / PREFIX.manifest.json)")
-    st.add_argument("--verify", action="store_true", help="also check .bin/.idx sizes and sha256")
+    st.add_argument("--verify", action="store_true", help="also check .bin/.idx sizes and sha256 and the "
+                    "manifest's accounting (documents in = written + dropped by reason)")
     st.add_argument("--tokenizer", help="with --verify: refuse data made with another tokenizer / EOD id")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.set_defaults(func=_stats)
@@ -153,6 +154,9 @@ def _tokenize(args) -> int:
         print("dropped: " + ", ".join(f"{k}={v}" for k, v in m["dropped"].items()))
     print(f"{m['documents']} documents, {m['tokens']} tokens in {m['seconds']:.1f}s "
           f"-> {args.output_prefix}.bin/.idx/.manifest.json")
+    if m["documents_in"] == 0:
+        print(f"warning: the input {' '.join(map(str, args.input))} holds no documents; "
+              f"{args.output_prefix} is empty", file=sys.stderr)
     return 0
 
 

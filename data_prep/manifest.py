@@ -150,6 +150,7 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
     for ext in ("bin", "idx"):
         if not os.path.isfile(f"{prefix}.{ext}"):
             raise UsageError(f"{prefix}.{ext} is missing: re-run `megatron-cpt prep tokenize` for this prefix")
+    check_accounting(prefix, manifest)
     hash_now = check_hashes and not _stamped(prefix, manifest)
     for ext in ("bin", "idx"):
         path = f"{prefix}.{ext}"
@@ -160,8 +161,6 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
         if hash_now and sha256_file(path) != manifest.get(f"{ext}_sha256"):
             raise UsageError(f"{path} does not match the sha256 in its manifest: the file was modified; "
                              "re-run `megatron-cpt prep tokenize`")
-    if hash_now:
-        _write_stamp(prefix, manifest)
     if tokenizer is not None:
         from data_prep.text_tokenizer import TextTokenizer
 
@@ -175,7 +174,20 @@ def verify_prefix(prefix: str, check_hashes: bool = True, tokenizer: str | None 
     if manifest["bin_bytes"] != manifest["tokens"] * itemsize:
         raise UsageError(f"{prefix}.manifest.json is inconsistent (tokens x {itemsize} bytes != bin size): "
                          "re-run `megatron-cpt prep tokenize`")
+    if hash_now:  # every check passed: later launches need not read the files again
+        _write_stamp(prefix, manifest)
     return manifest
+
+
+def check_accounting(prefix: str, manifest: dict) -> None:
+    """Every input document is either written or dropped for a named reason."""
+    dropped = manifest.get("dropped") or {}
+    written, docs_in = manifest.get("documents", 0), manifest.get("documents_in", 0)
+    if docs_in != written + sum(dropped.values()):
+        reasons = ", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"
+        raise UsageError(f"{prefix}.manifest.json: document accounting does not add up: "
+                         f"{docs_in} in != {written} written + dropped ({reasons}); the manifest "
+                         "was edited or its run was cut short: re-run `megatron-cpt prep tokenize`")
 
 
 def stats_rows(prefixes: list[str]) -> list[dict]:

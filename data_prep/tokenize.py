@@ -15,6 +15,7 @@ import time
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
 from data_prep.text_tokenizer import TextTokenizer
+from megatron_cpt.errors import UsageError
 
 
 class TokenizeStep(UnitStep):
@@ -87,6 +88,15 @@ class TokenizeStep(UnitStep):
             json.dump(stats, fh)
 
 
+def _make_work_dir(work_dir: str, output_prefix: str) -> None:
+    """The first write of a tokenization: a path we cannot write is a usage error (exit 2)."""
+    try:
+        os.makedirs(work_dir)
+    except OSError as exc:
+        raise UsageError(f"--output-prefix {output_prefix}: cannot create {work_dir} "
+                         f"({exc.strerror}); choose an output prefix in a writable folder") from None
+
+
 def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
              executor: ExecutorConfig | None = None, text_field: str = "text", id_field: str = "id",
              eod_token: str | None = None, unit_bytes: int = DEFAULT_UNIT_BYTES, batch_size: int = 1000,
@@ -113,7 +123,7 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
     work_dir = prefix + ".work"
     if os.path.isdir(work_dir):
         shutil.rmtree(work_dir)
-    os.makedirs(work_dir)
+    _make_work_dir(work_dir, output_prefix)
     run_cfg = dataclasses.replace(executor, workers=procs) if executor.kind == "local" else executor
     step = TokenizeStep(units, work_dir, tok, text_field, id_field, batch_size, threads=threads,
                         progress=progress and _isatty())

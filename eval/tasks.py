@@ -7,6 +7,7 @@ for every checkpoint) and scores the letters A.. as continuations.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,49 +48,67 @@ def _write_split(items, path: Path) -> None:
 def write_tasks(exams: list[Path], out: Path, num_fewshot: int = 5,
                 prompt: str = DEFAULT_PROMPT, splits=SCORED_SPLITS) -> list[str]:
     """Validate ``exams`` and write one task YAML per exam and split into ``out``.
-    Returns the task names. Data paths in the YAMLs are absolute."""
+    Returns the task names. Data paths in the YAMLs are absolute. All or nothing: every exam
+    is validated before a file is written, files are staged beside ``out`` and moved in only
+    when all were written, so a failed call leaves nothing behind."""
     out = Path(out).resolve()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(Path(__file__).with_name("task_utils.py"), out / "utils.py")
+    loaded = [(Path(p), load_exam(p)) for p in exams]
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        (stage / "data").mkdir(parents=True)
+        shutil.copy2(Path(__file__).with_name("task_utils.py"), stage / "utils.py")
+        names = [name for exam_path, items in loaded
+                 for name in _write_exam(exam_path, items, stage, out, num_fewshot, prompt, splits)]
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return names
+
+
+def _write_exam(exam_path: Path, items, stage: Path, out: Path, num_fewshot: int, prompt: str,
+                splits) -> list[str]:
+    """One exam's split files and task YAMLs, written under ``stage``, naming paths in ``out``."""
+    exam = exam_path.stem
+    dev = by_split(items, "dev")
+    _write_split(dev, stage / "data" / f"{exam}.dev.jsonl")
+    files = {"dev": out / "data" / f"{exam}.dev.jsonl"}
     names = []
-    for exam_path in exams:
-        exam = Path(exam_path).stem
-        items = load_exam(exam_path)
-        dev = by_split(items, "dev")
-        files = {"dev": out / "data" / f"{exam}.dev.jsonl"}
-        _write_split(dev, files["dev"])
-        for split in splits:
-            scored = by_split(items, split)
-            if not scored:
-                continue
-            files[split] = out / "data" / f"{exam}.{split}.jsonl"
-            _write_split(scored, files[split])
-            name = task_name(exam, split)
-            task = {
-                "task": name,
-                "tag": [f"mcpt_{split}", f"mcpt_{exam}"],
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"dev": str(files["dev"]), split: str(files[split])}},
-                "test_split": split,
-                "fewshot_split": "dev",
-                "num_fewshot": min(num_fewshot, len(dev)),
-                "fewshot_config": {"sampler": "first_n"},
-                "output_type": "multiple_choice",
-                "doc_to_text": prompt,
-                "doc_to_choice": "letters",
-                "doc_to_target": "answer",
-                "target_delimiter": " ",
-                "fewshot_delimiter": "\n\n",
-                "process_results": _FunctionTag("utils.process_results"),
-                "metric_list": [
-                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-                    {"metric": "answer_ppl",
-                     "aggregation": _FunctionTag("utils.perplexity_of_mean_nll"),
-                     "higher_is_better": False},
-                ],
-                "metadata": {"version": 1.0, "exam_file": str(Path(exam_path).resolve())},
-            }
-            (out / f"{name}.yaml").write_text(yaml.dump(task, Dumper=_TaskDumper, sort_keys=False, width=1000))
-            names.append(name)
+    for split in splits:
+        scored = by_split(items, split)
+        if not scored:
+            continue
+        _write_split(scored, stage / "data" / f"{exam}.{split}.jsonl")
+        files[split] = out / "data" / f"{exam}.{split}.jsonl"
+        name = task_name(exam, split)
+        task = {
+            "task": name,
+            "tag": [f"mcpt_{split}", f"mcpt_{exam}"],
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"dev": str(files["dev"]), split: str(files[split])}},
+            "test_split": split,
+            "fewshot_split": "dev",
+            "num_fewshot": min(num_fewshot, len(dev)),
+            "fewshot_config": {"sampler": "first_n"},
+            "output_type": "multiple_choice",
+            "doc_to_text": prompt,
+            "doc_to_choice": "letters",
+            "doc_to_target": "answer",
+            "target_delimiter": " ",
+            "fewshot_delimiter": "\n\n",
+            "process_results": _FunctionTag("utils.process_results"),
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "answer_ppl",
+                 "aggregation": _FunctionTag("utils.perplexity_of_mean_nll"),
+                 "higher_is_better": False},
+            ],
+            "metadata": {"version": 1.0, "exam_file": str(Path(exam_path).resolve())},
+        }
+        (stage / f"{name}.yaml").write_text(yaml.dump(task, Dumper=_TaskDumper, sort_keys=False, width=1000))
+        names.append(name)
     return names
