@@ -30,9 +30,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         from megatron_cpt.training.validate import prepare
 
+        from megatron_cpt.training import startup_record
+
         plan = prepare(cfg, force=args.force)
         print(f"ok: {plan.budget.iterations} iterations, DP={plan.dp}, "
               f"accumulation={plan.accumulation}, config hash {plan.config_hash}")
+        print(startup_record.format_record(startup_record.build(cfg, plan.dtype)))  # this environment
         return 0
     from megatron_cpt.training.loop import train
 

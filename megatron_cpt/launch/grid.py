@@ -53,7 +53,10 @@ class TrainCell:
         from megatron_cpt.training.config import TrainConfig
         from megatron_cpt.training.loop import train
 
+        from megatron_cpt.runtime import cuda_connections
+
         cfg = TrainConfig.load(self.train_config, self.overrides)
+        cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA initialises
         code = train(cfg)
         job = submitit.JobEnvironment()
         if code == EXIT_REQUEUE and job.cluster == "slurm":

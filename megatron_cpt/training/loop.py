@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_cpt.training import checkpointing, data, signals
+from megatron_cpt.training import checkpointing, data, signals, startup_record
 from megatron_cpt.training.config import TrainConfig
+from megatron_cpt.training.gc_policy import GCPolicy
 from megatron_cpt.training.metrics import Metrics, event
 from megatron_cpt.training.validate import RUN_JSON, Plan, prepare
 
@@ -37,17 +38,25 @@ def _fp8_extra(cfg: TrainConfig, num_layers: int) -> dict:
     return extra
 
 
-def _write_run_files(plan: Plan) -> None:
+def _write_run_files(plan: Plan, startup: dict | None = None) -> None:
     import yaml
 
     run = Path(plan.cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(plan.cfg.to_dict(), sort_keys=False))
     info = {"config_hash": plan.config_hash, "world_size": plan.world_size, "dp": plan.dp,
-            "budget": plan.budget.to_dict()}
+            "budget": plan.budget.to_dict(), "startup": startup}
     tmp = run / f"{RUN_JSON}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, run / RUN_JSON)
+
+
+def _fusion_extra(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    """TransformerConfig fields for the fused kernels this machine offers (``model.*_fusion``)."""
+    from megatron_cpt.models import fusions
+
+    resolved = fusions.resolve(cfg.model, "bfloat16" if dtype == torch.bfloat16 else "float32")
+    return fusions.transformer_config_fields(resolved)
 
 
 def _memory_extra(cfg: TrainConfig) -> dict:
@@ -80,7 +89,8 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
                         # weights as tensor-parallel inside its init functions; without the marks
                         # the grad norm (and clipping) ignores TP rank > 0 shards.
                         init_weights=True,
-                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg)})
+                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg),
+                               **_fusion_extra(cfg, dtype)})
     gpt = build_gpt_model(model_cfg, opts)
     if load_weights is not None:
         load_weights(gpt)
@@ -163,14 +173,17 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_cpt.runtime import init_distributed, shutdown
+    from megatron_cpt.runtime import cuda_connections, init_distributed, shutdown
 
+    connections = cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA
     plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
+    startup = startup_record.build(cfg, plan.dtype, connections=connections)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
     rank = dist.get_rank()
     run = Path(cfg.run_dir)
     if rank == 0:
-        _write_run_files(plan)
+        _write_run_files(plan, startup)
+        event(startup_record.format_record(startup))
         removed = checkpointing.clean_stale(run)
         if removed:
             event(f"removed uncommitted checkpoint folders {removed}")
@@ -219,12 +232,14 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
                 "source": {"type": "pretrained", "path": cfg.model.pretrained}}
 
     def save(it: int) -> None:
+        gcp.at_sync_point()
         path = checkpointing.save(run, it, gpt, optimizer, scheduler, meta_for(it),
                                   Path(cfg.model.pretrained), cfg.checkpoint.keep_last,
                                   plan.keep_iterations)
         metrics.write({"kind": "event", "iteration": it, "event": "checkpoint", "details": path.name})
 
     def validate(it: int) -> None:
+        gcp.at_sync_point()
         for name, ds in zip(plan.valid_names, valid_ds):
             it_data = data.iterate_micro_batches(ds, 0, n_valid, dp_rank, dp, b.micro_batch_size)
             with torch.no_grad():
@@ -242,6 +257,8 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
     it = start
     saved_at = start if resume is not None else -1
     launched = 0
+    gcp = GCPolicy(cfg.train.gc_interval)
+    gcp.start()
     try:
         while it < n_iter:
             t0 = time.perf_counter()
@@ -283,6 +300,7 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
             scheduler.step(increment=1)
             it += 1
             launched += 1
+            gcp.step(it)  # inside the timed step: its pause is part of the step time
             dt = time.perf_counter() - t0
             if it % cfg.logging.interval == 0 or it == n_iter:
                 tflops = flops_per_iter / dt / world / 1e12
@@ -323,6 +341,7 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
             (run / "exit_status.json").write_text(json.dumps(status) + "\n")
         dist.barrier()  # leave together: torchrun kills the others when one rank exits first
     finally:
+        gcp.stop()
         stop.uninstall()
         metrics.close()
         if log_ids:

@@ -26,8 +26,9 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except Exception:  # tensorboard not installed: jsonl only
+            except Exception as exc:  # tensorboard not installed: jsonl only, said out loud
                 self._tb = None
+                event(f"WARNING: TensorBoard off ({type(exc).__name__}: {exc}); metrics.jsonl only")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
