@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ WARMUP = 5
 def run(toy: dict, run_dir: Path, steps: int, nproc: int, gc_interval: str) -> list[dict]:
     from megatron_cpt.training.toy import toy_overrides
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an earlier one
     cmd = ([sys.executable, "-m", "megatron_cpt", "train"] if nproc == 1 else
            [str(Path(sys.executable).parent / "torchrun"), "--standalone",
             f"--nproc_per_node={nproc}", "-m", "megatron_cpt", "train"])
