@@ -28,9 +28,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.check:
-        from megatron_cpt.training.validate import prepare
-
         from megatron_cpt.training import startup_record
+        from megatron_cpt.training.validate import prepare
 
         plan = prepare(cfg, force=args.force)
         print(f"ok: {plan.budget.iterations} iterations, DP={plan.dp}, "
