@@ -121,3 +121,15 @@ def test_guard_stops_when_the_lease_names_another_launch(tmp_path):
     assert "another launch took the lease" in guard.check()
     guard.release()
     assert run.lease_path.exists()  # not ours: left alone
+
+
+@pytest.mark.parametrize("env,hashes", [({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False),
+                                        ({"SLURM_PROCID": "1"}, False)])
+def test_only_global_rank_0_hashes_the_data(monkeypatch, env, hashes):
+    from megatron_cpt.training import preflight
+
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert preflight._hashing_rank() is hashes

@@ -292,3 +292,34 @@ def test_one_writer_kill9_agent_orphans_stop_and_relaunch_takes_over(toy, dp2, t
     assert not (run_dir / "lease.json").exists()
     print(f"kill -9 agent: {helpers} processes, all gone {gone_after:.1f} s later; relaunch took "
           f"the lease over, resumed at {resumed[0]}, 30/30 losses equal")
+
+
+def test_sigkill_of_a_rank_leaves_no_process_of_the_run(toy, tmp_path):
+    """`kill -9` of one rank after the first checkpoint (its writer helpers exist): torchrun
+    ends the other rank, and no process of the run (writer helpers included) survives."""
+    import uuid
+
+    import psutil
+
+    run_dir, marker = tmp_path / "run", uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGATRON_CPT_TEST_MARKER": marker,
+           "MEGATRON_CPT_TEST_FAULT": "slow_steps@11"}
+    with tempfile.TemporaryFile("w+") as log:
+        agent = subprocess.Popen(_cmd(2) + _args(toy, run_dir, []), env=env, cwd=ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "checkpoints" / "iter_0000010").is_dir():
+            time.sleep(0.2)
+        time.sleep(1.0)
+        seen = _marked(marker)
+        rank1 = [p for p in psutil.Process(agent.pid).children()][-1]
+        rank1.kill()
+        code = agent.wait(timeout=120)
+        killed_at = time.time()
+        while _marked(marker) and time.time() < killed_at + 20:
+            time.sleep(0.2)
+        survivors = [(p.pid, p.cmdline()[:3]) for p in _marked(marker)]
+    assert code != 0 and len(seen) >= 5, (code, [p.pid for p in seen])
+    assert not survivors, f"alive after the agent ended: {survivors}"
+    print(f"kill -9 of rank 1: {len(seen)} processes of the run, none left "
+          f"{time.time() - killed_at:.1f} s after the agent exited {code}")
