@@ -149,7 +149,10 @@ class Guard:
         if lease is not None and lease.get("token") != self.token:
             return f"another launch took the lease of {self.run.path}: {describe(lease)}"
         if self.holder and lease is not None:
-            write_json_atomic(self.run.lease_path, {**lease, "heartbeat": time.time()})
+            try:  # a file-system hiccup must not end the thread: the next beat retries
+                write_json_atomic(self.run.lease_path, {**lease, "heartbeat": time.time()})
+            except OSError:
+                pass
         return None
 
     def release(self) -> None:
