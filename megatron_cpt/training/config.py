@@ -258,8 +258,8 @@ class TrainConfig:
         if t.hang_timeout_min < 0:
             raise UsageError("train.hang_timeout_min must be >= 0 (0 turns the watchdog off)")
         if t.hang_timeout_min and t.hang_timeout_min >= t.collective_timeout_min:
-            raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min}) must be below "
-                             f"train.collective_timeout_min ({t.collective_timeout_min}), or a "
+            raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min:g}) must be below "
+                             f"train.collective_timeout_min ({t.collective_timeout_min:g}), or a "
                              "hung collective times out before the watchdog reports it")
         if lg.straggler_factor <= 1 or lg.straggler_intervals < 1:
             raise UsageError("logging.straggler_factor must be > 1 and "
