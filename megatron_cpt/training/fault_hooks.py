@@ -16,7 +16,7 @@ import time
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 FAULT_EXIT = 17
-SLOW_S = 0.5
+SLOW_S = 1.0
 
 
 def planned(point: str) -> int | None:
