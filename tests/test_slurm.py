@@ -371,7 +371,7 @@ def test_hang_watchdog_reports_every_rank_and_the_cell_resumes(straggler_run, dp
     assert "in hang_forever" in texts[1] and "in forward_backward" in texts[1]  # the hung rank
     assert "gradient reduction" in texts[0] and "in finalize_model_grads" in texts[0]  # its peer
     records = _records(run)
-    hung_at = max(r["time"] for r in records if r["kind"] == "train" and r["iteration"] == 12)
+    hung_at = min(r["time"] for r in records if r["kind"] == "train" and r["iteration"] == 12)
     fired = min(p.stat().st_mtime for p in reports)
     resumed = next(r for r in records if r.get("event") == "resume")
     assert resumed["iteration"] == 10, resumed

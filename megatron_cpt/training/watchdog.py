@@ -7,7 +7,7 @@ writes ``exit_status.json`` with :data:`~megatron_cpt.run_folder.EXIT_HANG`, and
 exits with that code. Launchers retry it like a crash. A hang stops every rank (each step is
 collective), so all watchdogs fire within a poll of each other; each waits
 :data:`GRACE_S` before exiting so that no rank dies of a peer's closed connection before its
-own report is written.
+own report is written, then ends its helper processes and exits.
 """
 from __future__ import annotations
 
@@ -81,4 +81,17 @@ class Watchdog:
         if self.rank == 0:
             self.run.write_exit_status(rf.EXIT_HANG, self.iteration, self.iterations)
         time.sleep(GRACE_S)
+        _kill_helpers()
         os._exit(rf.EXIT_HANG)
+
+
+def _kill_helpers() -> None:
+    """End this rank's helper processes (the checkpoint writer's workers ignore SIGTERM by
+    design): left behind, they hold the job step's output open and srun waits for them."""
+    import psutil  # a dependency of megatron-core's checkpoint writer
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
