@@ -319,7 +319,7 @@ def straggler_run(slurm_cluster, dp_cell, tiny_study):
     through (losses of an unfaulted run: sleeping changes no arithmetic)."""
     study_dir = tiny_study["root"] / "straggler"
     t0 = time.time()
-    job = _wait(_sbatch_fault(dp_cell["script"], study_dir, "slow_rank@1"))
+    job = _wait(_sbatch_fault(dp_cell["script"], study_dir, "slow_rank@1"), timeout=1200)
     run = study_dir / "runs" / "tiny-dp" / "legal"
     assert job["JobState"] == "COMPLETED", (job, _records(run)[-3:])
     print(f"DP2 sbatch run with a slowed rank: {time.time() - t0:.1f} s")
@@ -356,12 +356,12 @@ def test_hang_watchdog_reports_every_rank_and_the_cell_resumes(straggler_run, dp
     study_dir = tiny_study["root"] / "hang"
     run = study_dir / "runs" / "tiny-dp" / "legal"
     job_id = _sbatch_fault(dp_cell["script"], study_dir, "hang@13")
-    job = _wait(job_id)
+    job = _wait(job_id, timeout=1200)
     if job["JobState"] == "FAILED":  # no automatic crash retry in this script: requeue as it would
         assert job["ExitCode"] == "4:0", job
         assert json.loads((run / "exit_status.json").read_text())["reason"] == "hang"
         subprocess.run(["scontrol", "requeue", job_id], check=True)
-        job = _wait(job_id)
+        job = _wait(job_id, timeout=1200)
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job
     reports = sorted((run / "hang").glob("rank_*.txt"))
     assert [p.name for p in reports] == ["rank_00000.txt", "rank_00001.txt"]
