@@ -4,6 +4,9 @@ Points:
   * ``crash_in_save@N``: every rank exits :data:`FAULT_EXIT` between writing the weights of
     checkpoint N and committing its folder (checkpointing.py);
   * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
+  * ``hang@N``: the last rank stops (sleeps) before iteration N, once per run folder: only
+    while ``RUN/hang/`` does not exist yet, so the retried launch runs through (loop.py);
+  * ``slow_rank@R``: global rank R sleeps :data:`SLOW_S` before each step (a straggler);
   * ``slow_steps@N``: every iteration from N on takes a second longer (loop.py), so a test
     can act on a launch that is still running.
 The loop reads its fault once per launch; each step costs one integer comparison.
@@ -11,9 +14,11 @@ The loop reads its fault once per launch; each step costs one integer comparison
 from __future__ import annotations
 
 import os
+import time
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 FAULT_EXIT = 17
+SLOW_S = 1.0
 
 
 def planned(point: str) -> int | None:
@@ -27,3 +32,10 @@ def crash_if_planned(point: str, iteration: int) -> None:
     if planned(point) == iteration:
         print(f"[test fault] {point} at iteration {iteration}: exiting {FAULT_EXIT}", flush=True)
         os._exit(FAULT_EXIT)
+
+
+def hang_forever(point: str) -> None:
+    """Block as a rank stuck in a dead collective would (until the watchdog ends the process)."""
+    print(f"[test fault] {point}: this rank stops making progress", flush=True)
+    while True:
+        time.sleep(3600)
