@@ -130,6 +130,8 @@ class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
+    on_nonfinite: str = "stop"     # non-finite loss or grad norm: stop (exit 3) | skip (drop the update)
+    max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
 
 
 @dataclass
@@ -192,6 +194,8 @@ class TrainConfig:
         d["checkpoint"] = {}
         d["train"].pop("exit_before_walltime_min")
         d["train"].pop("stop_after_iterations")
+        d["train"].pop("on_nonfinite")  # policies: they act only when a step already failed
+        d["train"].pop("max_skipped_steps")
         d["data"].pop("cache_dir")
         d["data"].pop("check_hashes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -235,6 +239,11 @@ class TrainConfig:
             raise UsageError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
+        if self.train.on_nonfinite not in ("stop", "skip"):
+            raise UsageError(f"train.on_nonfinite {self.train.on_nonfinite!r} unknown; "
+                             "choose stop or skip")
+        if self.train.max_skipped_steps < 0:
+            raise UsageError("train.max_skipped_steps must be >= 0")
         if self.checkpoint.keep_last < 1:
             raise UsageError("checkpoint.keep_last must be >= 1")
         names = [p.name or Path(p.prefix).name for p in self.data.valid]

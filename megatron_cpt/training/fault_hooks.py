@@ -3,12 +3,18 @@
 Points:
   * ``crash_in_save@N``: every rank exits :data:`FAULT_EXIT` between writing the weights of
     checkpoint N and committing its folder (checkpointing.py);
-  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py).
+  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
+  * ``nan_weight@N``: rank 0 writes a NaN into its first weight before iteration N's forward
+    pass (the weights themselves go bad, as after an overflowed update);
+  * ``nan_grad@N``: every rank writes a NaN into its first gradient after iteration N's
+    backward pass and gradient all-reduce (as an overflowed reduction would).
 The loop reads its fault once per launch; each step costs one integer comparison.
 """
 from __future__ import annotations
 
 import os
+
+import torch
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 FAULT_EXIT = 17
@@ -25,3 +31,14 @@ def crash_if_planned(point: str, iteration: int) -> None:
     if planned(point) == iteration:
         print(f"[test fault] {point} at iteration {iteration}: exiting {FAULT_EXIT}", flush=True)
         os._exit(FAULT_EXIT)
+
+
+@torch.no_grad()
+def poison(model, point: str, iteration: int, rank: int) -> None:
+    """``nan_weight`` / ``nan_grad`` at ``iteration``: a NaN into real training state."""
+    if planned(point) != iteration or (point == "nan_weight" and rank != 0):
+        return
+    p = next(model.parameters())
+    target = p if point == "nan_weight" else p.main_grad
+    target.view(-1)[0] = float("nan")
+    print(f"[test fault] {point} at iteration {iteration} on rank {rank}", flush=True)
