@@ -136,8 +136,8 @@ def plan_resume(run_dir: Path, world: int, resume_from: str | None = None) -> Re
     if name is None and not found and not run.latest_pointer.exists():
         return Resume()
     if name is None:
-        raise _refuse(run_dir, f"checkpoints/ holds {found[-1].name} but checkpoints/latest is "
-                      "missing or empty", world)
+        held = f"checkpoints/ holds {found[-1].name} but " if found else ""
+        raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world)
     problem = checkpoint_problem(run.checkpoints / name, world)
     if problem:
         raise _refuse(run_dir, f"checkpoints/latest names {name}, which {problem}", world)
