@@ -458,7 +458,7 @@ def _prepare(cfg: TrainConfig, force: bool, resume_from: str | None) -> RunPlan:
     try:
         return prepare(cfg, force=force, resume_from=resume_from)
     except UsageError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             RunFolder(cfg.run_dir).write_refused(str(exc))
         raise
 
