@@ -263,25 +263,34 @@ def _committed(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
 
 
-def test_nan_in_a_weight_stops_without_checkpointing_it(toy, single, tmp_path):
-    """stop (default): the NaN weight never reaches a checkpoint; latest stays on the last
-    committed one (iteration 10); exit 3; every committed checkpoint is finite."""
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_in_a_weight_never_reaches_a_checkpoint(toy, single, tmp_path, policy):
+    """stop (default), NaN at a random iteration: exit 3 at once. skip (max_skipped_steps=1),
+    NaN before iteration 20: step 20 is skipped, its checkpoint is not written (the weights are
+    NaN), step 21 exceeds the skips: exit 3. Both: latest stays on the last committed checkpoint
+    (iteration 10) and every committed checkpoint is finite."""
     import random
 
-    at = random.randint(12, 19)
-    print(f"NaN written into a weight before iteration {at}")
+    at = random.randint(12, 19) if policy == "stop" else 20
+    print(f"on_nonfinite={policy}: NaN written into a weight before iteration {at}")
     run_dir = tmp_path / "run"
-    proc = launch(toy, 1, run_dir, env={"MEGATRON_CPT_TEST_FAULT": f"nan_weight@{at}"})
+    extra = [] if policy == "stop" else ["train.on_nonfinite=skip", "train.max_skipped_steps=1"]
+    proc = launch(toy, 1, run_dir, extra, env={"MEGATRON_CPT_TEST_FAULT": f"nan_weight@{at}"})
     _ok(proc, 3)
-    assert exit_status(run_dir) == {"code": 3, "iteration": at - 1, "iterations": 30,
+    last = at - 1 if policy == "stop" else at
+    assert exit_status(run_dir) == {"code": 3, "iteration": last, "iterations": 30,
                                     "reason": "nonfinite"}
-    assert "the weights are non-finite, nothing saved; checkpoints/latest stays on " \
-           "iter_0000010" in proc.stderr, proc.stderr[-3000:]
+    assert f"non-finite loss nan at iteration {last + 1}; the weights are non-finite, nothing " \
+           "saved; checkpoints/latest stays on iter_0000010" in proc.stderr, proc.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
     assert _committed(run_dir) == ["iter_0000010"]
     assert _finite_checkpoint(run_dir / "checkpoints" / "iter_0000010", tmp_path)
     got, ref = losses(run_dir), losses(single)
     assert got == {i: ref[i] for i in range(1, at)}  # iteration `at` never logged a loss
+    events = [(r["event"], r["iteration"]) for r in records(run_dir, "event")
+              if r["event"] in ("skipped", "nonfinite")]
+    assert events == ([("nonfinite", at - 1)] * 2 if policy == "stop" else
+                      [("skipped", 20), ("nonfinite", 20), ("nonfinite", 20), ("nonfinite", 20)])
 
 
 def test_nan_in_a_gradient_is_skipped_and_logged(toy, single, tmp_path):

@@ -274,8 +274,13 @@ class Launch:
         return {"tokens": it * self.plan.budget.tokens_per_iteration,
                 "flops": it * self.flops_per_iter}
 
-    def save(self, it: int) -> None:
-        """Collective: one committed checkpoint of iteration ``it``."""
+    def save(self, it: int) -> bool:
+        """Collective: one committed checkpoint of iteration ``it``; never of non-finite
+        weights (then nothing is written, ``latest`` stays, and it returns False)."""
+        if not nonfinite.weights_finite(self.gpt, self.device):
+            self.metrics.write({"kind": "event", "iteration": it, "event": "nonfinite",
+                                "details": f"non-finite weights: no checkpoint of iteration {it}"})
+            return False
         b = self.cfg.batch
         meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
@@ -287,6 +292,7 @@ class Launch:
         self.saved_at = it
         self.metrics.write({"kind": "event", "iteration": it, "event": "checkpoint",
                             "details": path.name})
+        return True
 
     def validation_loss(self, it: int) -> None:
         """Mean loss on each validation set, written as ``valid`` records (collective)."""
@@ -336,8 +342,7 @@ class Launch:
         it = self.iteration
         if self.saved_at == it:
             kept = f"the checkpoint of iteration {it} is kept"
-        elif nonfinite.weights_finite(self.gpt, self.device):
-            self.save(it)
+        elif self.save(it):
             kept = f"stopped with a checkpoint of the last good iteration {it}"
         else:
             kept = (f"the weights are non-finite, nothing saved; checkpoints/latest stays on "
