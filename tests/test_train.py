@@ -377,7 +377,8 @@ def test_broken_latest_checkpoint_is_refused_then_resume_from(toy, single, tmp_p
     assert losses(run_dir) == losses(single)  # iterations 21..30 redone, exactly
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000030"
     assert checkpointing.checkpoint_problem(run_dir / "checkpoints" / "iter_0000030", 1) is None
-    events = [r["event"] for r in records(run_dir, "event") if r["event"] in ("resume", "code_changed")]
+    events = [r["event"] for r in records(run_dir, "event")
+              if r["event"] in ("resume", "code_changed")]
     assert events == ["resume", "code_changed"], events
     prov = json.loads((run_dir / "run.json").read_text())["provenance"]
     assert prov["git_commit"] != "0" * 40 and prov["version"]

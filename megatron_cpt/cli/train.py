@@ -21,7 +21,8 @@ def register(sub, name: str, help_text: str) -> None:
                    help="continue a run folder created by a different config with this one")
     p.add_argument("--check", action="store_true",
                    help="only validate the config, data and checkpoints and say what a launch "
-                        "would do: fresh start, resume at N, or refuse and why (no distributed init)")
+                        "would do: fresh start, resume at N, or refuse and why "
+                        "(no distributed init)")
     p.add_argument("--resume-from", metavar="iter_N",
                    help="resume this committed checkpoint of the run folder (name or iteration) "
                         "instead of the one checkpoints/latest names; latest is moved to it")

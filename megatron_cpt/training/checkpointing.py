@@ -117,7 +117,8 @@ def _refuse(run_dir: Path, what: str, world: int) -> UsageError:
     good = [p for p in reversed(committed(run_dir)) if checkpoint_problem(p, world) is None]
     fix = (f"the newest complete checkpoint is {good[0].name}: relaunch with --resume-from "
            f"{good[0].name}") if good else \
-        "no complete checkpoint remains: move checkpoints/ away to start again from model.pretrained"
+        ("no complete checkpoint remains: move checkpoints/ away to start again from "
+         "model.pretrained")
     return UsageError(f"run folder {run_dir}: {what}; {fix}")
 
 

@@ -130,7 +130,7 @@ class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
-    on_nonfinite: str = "stop"     # non-finite loss or grad norm: stop (exit 3) | skip (drop the update)
+    on_nonfinite: str = "stop"     # NaN/Inf loss or grad norm: stop (exit 3) | skip (drop the update)
     max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
 
 
