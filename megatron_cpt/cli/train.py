@@ -34,11 +34,13 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.check:
+        from megatron_cpt.training import startup_record
         from megatron_cpt.training.preflight import prepare
 
         plan = prepare(cfg, force=args.force, resume_from=args.resume_from)
         print(f"ok: {plan.resume.describe()}; {plan.budget.iterations} iterations, DP={plan.dp}, "
               f"accumulation={plan.accumulation}, config hash {plan.config_hash}")
+        print(startup_record.format_record(startup_record.build(cfg, plan.dtype)))  # this environment
         return 0
     from megatron_cpt.training.loop import train
 

@@ -23,6 +23,11 @@ from megatron_cpt.errors import UsageError
 class ModelSection:
     pretrained: str = ""          # converted checkpoint folder (store format) loaded on the first launch
     attention_backend: str | None = None  # te | sdpa | local (None: te with Transformer Engine, else sdpa)
+    # fused kernels (models/fusions.py): null = on where the kernel exists, true = required
+    # (refused with exit 2 where missing), false = off
+    gradient_accumulation_fusion: bool | None = None  # needs CUDA + APEX fused_weight_gradient_mlp_cuda
+    rope_fusion: bool | None = None                   # needs Transformer Engine
+    cross_entropy_fusion: str | None = None  # null (te with TE, native; bf16 runs only) | native | te | off
 
 
 @dataclass
@@ -132,6 +137,7 @@ class TrainSection:
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
     on_nonfinite: str = "stop"     # NaN/Inf loss or grad norm: stop (exit 3) | skip (drop the update)
     max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
+    gc_interval: int | None = 100  # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
 
 
 @dataclass
@@ -196,6 +202,10 @@ class TrainConfig:
         d["train"].pop("stop_after_iterations")
         d["train"].pop("on_nonfinite")  # policies: they act only when a step already failed
         d["train"].pop("max_skipped_steps")
+        d["train"].pop("gc_interval")
+        for key in ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion"):
+            if d["model"][key] is None:  # auto: keeps the hash of configs written before the key
+                d["model"].pop(key)
         d["data"].pop("cache_dir")
         d["data"].pop("check_hashes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -237,6 +247,11 @@ class TrainConfig:
                              "choose uniform or block")
         if self.parallel.overlap_param_gather and not self.parallel.distributed_optimizer:
             raise UsageError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+        if self.model.cross_entropy_fusion not in (None, "native", "te", "off"):
+            raise UsageError(f"model.cross_entropy_fusion {self.model.cross_entropy_fusion!r} unknown; "
+                             "choose null (auto), native, te or off")
+        if self.train.gc_interval is not None and self.train.gc_interval < 0:
+            raise UsageError("train.gc_interval must be >= 0 (0: only at checkpoints/validation) or null")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
         if self.train.on_nonfinite not in ("stop", "skip"):
