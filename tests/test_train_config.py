@@ -253,3 +253,17 @@ def test_fault_hooks_read_only_their_own_point(monkeypatch):
     fault_hooks.crash_if_planned("crash_in_save", 7)  # another point: returns
     monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@x")
     assert fault_hooks.planned("nan_loss") is None
+
+
+def test_spike_watch_flags_a_loss_far_above_the_recent_mean():
+    from megatron_cpt.training.nonfinite import SpikeWatch
+
+    assert SpikeWatch(None).spike(1e9) is None  # off by default
+    watch = SpikeWatch(3.0, window=50)
+    assert [watch.spike(2.0) for _ in range(10)] == [None] * 10
+    assert watch.spike(5.9) is None          # below 3 x 2.0
+    mean = watch.spike(100.0)
+    assert mean == pytest.approx((20 + 5.9) / 11)
+    assert watch.spike(2.0) is None and len(watch.recent) == 12  # the spike stayed out
+    with pytest.raises(UsageError, match="train.spike_factor 0.5 must be > 1"):
+        TrainConfig.load(CONFIG, ["train.spike_factor=0.5"])

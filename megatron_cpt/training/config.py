@@ -137,6 +137,7 @@ class TrainSection:
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
     on_nonfinite: str = "stop"     # NaN/Inf loss or grad norm: stop (exit 3) | skip (drop the update)
     max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
+    spike_factor: float | None = None  # a `spike` event when loss > factor x mean of the last 50
     gc_interval: int | None = 100  # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
 
 
@@ -202,6 +203,7 @@ class TrainConfig:
         d["train"].pop("stop_after_iterations")
         d["train"].pop("on_nonfinite")  # policies: they act only when a step already failed
         d["train"].pop("max_skipped_steps")
+        d["train"].pop("spike_factor")
         d["train"].pop("gc_interval")
         for key in ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion"):
             if d["model"][key] is None:  # auto: keeps the hash of configs written before the key
@@ -259,6 +261,8 @@ class TrainConfig:
                              "choose stop or skip")
         if self.train.max_skipped_steps < 0:
             raise UsageError("train.max_skipped_steps must be >= 0")
+        if self.train.spike_factor is not None and self.train.spike_factor <= 1:
+            raise UsageError(f"train.spike_factor {self.train.spike_factor} must be > 1 (or null)")
         if self.checkpoint.keep_last < 1:
             raise UsageError("checkpoint.keep_last must be >= 1")
         names = [p.name or Path(p.prefix).name for p in self.data.valid]

@@ -254,6 +254,7 @@ class Launch:
         self.gpt, self.model, self.optimizer, self.scheduler, resume = _build(plan, device)
         self.metrics = Metrics(run.path, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
         self.skipped = 0   # updates dropped by train.on_nonfinite=skip, over the whole run
+        self.spikes = nonfinite.SpikeWatch(cfg.train.spike_factor)
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
@@ -403,6 +404,11 @@ class Launch:
         self.gc_policy.step(self.iteration)  # inside the timed step: its pause is part of it
         dt = time.perf_counter() - t0
         it, n, bud = self.iteration, self.plan.budget.iterations, self.plan.budget
+        mean = self.spikes.spike(loss)
+        if mean is not None:
+            self.metrics.write({"kind": "event", "iteration": it, "event": "spike",
+                                "details": f"loss {loss:.4g} > {self.cfg.train.spike_factor} x "
+                                           f"the recent mean {mean:.4g}"})
         if it % self.cfg.logging.interval == 0 or it == n:
             tflops = self.flops_per_iter / dt / dist.get_world_size() / 1e12
             rec = {"kind": "train", "iteration": it, **self._progress(it), "loss": loss, "lr": lr,

@@ -3,7 +3,7 @@
 Megatron-core's ``optimizer.step()`` (0.16.1, fp32/bf16 without loss scaling) clips the
 gradients by the grad norm and applies them even when that norm is NaN or Inf, so a single
 bad step poisons every weight. :func:`checked_step` runs the same three stages (prepare the
-grads, grad norm, clip + update) and stops before the update when the norm is not finite.
+grads, grad norm, clip + update) and stops before the update when the norm is not finite. :class:`SpikeWatch` flags a loss far above its recent mean.
 """
 from __future__ import annotations
 
@@ -46,3 +46,22 @@ def weights_finite(model, device) -> bool:
     flag = torch.tensor([1.0 if bad else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
+
+
+class SpikeWatch:
+    """``train.spike_factor``: whether a loss exceeds ``factor`` x the mean of the last
+    ``window`` losses (a warning event only; the step is applied). Off when factor is None."""
+
+    def __init__(self, factor: float | None, window: int = 50):
+        self.factor, self.window, self.recent = factor, window, []
+
+    def spike(self, loss: float) -> float | None:
+        """The running mean ``loss`` exceeded (then the loss stays out of it), else None."""
+        if self.factor is None:
+            return None
+        mean = sum(self.recent) / len(self.recent) if self.recent else None
+        if mean is not None and len(self.recent) >= min(10, self.window) and \
+                loss > self.factor * mean:
+            return mean
+        self.recent = (self.recent + [loss])[-self.window:]
+        return None
