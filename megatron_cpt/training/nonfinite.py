@@ -3,7 +3,8 @@
 Megatron-core's ``optimizer.step()`` (0.16.1, fp32/bf16 without loss scaling) clips the
 gradients by the grad norm and applies them even when that norm is NaN or Inf, so a single
 bad step poisons every weight. :func:`checked_step` runs the same three stages (prepare the
-grads, grad norm, clip + update) and stops before the update when the norm is not finite. :class:`SpikeWatch` flags a loss far above its recent mean.
+grads, grad norm, clip + update) and stops before the update when the norm is not finite.
+:class:`SpikeWatch` flags a loss far above its recent mean.
 """
 from __future__ import annotations
 
