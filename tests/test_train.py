@@ -393,3 +393,12 @@ def test_fresh_folder_check_says_fresh_start(tmp_path):
     with pytest.raises(Exception, match="checkpoints/latest is missing or empty; no complete "
                                         "checkpoint remains"):
         checkpointing.plan_resume(tmp_path / "run", 1)
+
+
+def test_resume_with_another_world_size_is_refused(single):
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.training import checkpointing
+
+    with pytest.raises(UsageError, match="iter_0000030 was written by 1 ranks, this launch has 2; "
+                                         "resume with the same number of processes"):
+        checkpointing.plan_resume(single, 2)

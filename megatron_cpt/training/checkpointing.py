@@ -140,6 +140,8 @@ def plan_resume(run_dir: Path, world: int, resume_from: str | None = None) -> Re
         held = f"checkpoints/ holds {found[-1].name} but " if found else ""
         raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world)
     problem = checkpoint_problem(run.checkpoints / name, world)
+    if problem and problem.startswith("was written by"):  # fine, but for another world size
+        raise UsageError(f"{run.checkpoints / name} {problem}")
     if problem:
         raise _refuse(run_dir, f"checkpoints/latest names {name}, which {problem}", world)
     return Resume(run.checkpoints / name, _iteration_of(name) or 0)
