@@ -40,7 +40,29 @@ def run_progress(run_dir: Path) -> dict:
     return {"iteration": last["iteration"] if last else 0, "iterations": budget,
             "tokens": last["tokens"] if last else 0.0, "loss": last["loss"] if last else None,
             "checkpoint": run.latest_name(), "resumes": resumes, "exit": run.exit_status(),
-            "evals": len(run.eval_results())}
+            "evals": len(run.eval_results()), "health": rank_health(records, last)}
+
+
+def rank_health(records: list[dict], last: dict | None) -> dict:
+    """The latest per-rank figures (training/health.py) and the straggler events."""
+    keys = ("slowest_rank", "rank_time_max_s", "fastest_rank", "rank_time_min_s", "peak_mem_gb")
+    out = {k: (last or {}).get(k) for k in keys}
+    stragglers = [r for r in records if r.get("event") == "straggler"]
+    out["stragglers"] = len(stragglers)
+    out["last_straggler"] = stragglers[-1].get("rank") if stragglers else None
+    return out
+
+
+def format_health(h: dict) -> str:
+    """``slow r1 540ms fast r0 37ms mem 0.40G stragglers 2 (r1)``; ``-`` before any figure."""
+    if h.get("rank_time_max_s") is None:
+        return "-"
+    text = (f"slow r{h['slowest_rank']} {h['rank_time_max_s'] * 1000:.0f}ms "
+            f"fast r{h['fastest_rank']} {h['rank_time_min_s'] * 1000:.0f}ms "
+            f"mem {h['peak_mem_gb']:.2f}G")
+    if h.get("stragglers"):
+        text += f" stragglers {h['stragglers']} (r{h['last_straggler']})"
+    return text
 
 
 def _state(slurm: dict, progress: dict, launched: bool) -> str:
@@ -70,7 +92,7 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
                      "iteration": progress["iteration"], "iterations": progress["iterations"],
                      "tokens": progress["tokens"], "checkpoint": progress["checkpoint"],
                      "loss": progress["loss"], "requeues": requeues,
-                     "eval_job": entry.get("eval_job"),
+                     "eval_job": entry.get("eval_job"), "health": progress["health"],
                      "eval_state": eval_slurm.get("JobState") or (
                          f"{progress['evals']} scored" if progress["evals"] else "-")})
     return rows
@@ -78,12 +100,12 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'cell':<24} {'job':>10} {'state':<12} {'iter':>11} {'tokens':>10} "
-            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8}  eval")
+            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8}  {'eval':<12} health")
     lines = [head]
     for r in rows:
         it = f"{r['iteration']}/{r['iterations'] or '?'}"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         lines.append(f"{r['cell']:<24} {str(r['job'] or '-'):>10} {r['state']:<12} {it:>11} "
                      f"{r['tokens']:>10.3e} {str(r['checkpoint'] or '-'):<16} {loss:>8} "
-                     f"{r['requeues']:>8}  {r['eval_state']}")
+                     f"{r['requeues']:>8}  {r['eval_state']:<12} {format_health(r['health'])}")
     return "\n".join(lines)

@@ -8,16 +8,21 @@ Points:
     pass (the weights themselves go bad, as after an overflowed update);
   * ``nan_grad@N``: every rank writes a NaN into its first gradient after iteration N's
     backward pass and gradient all-reduce (as an overflowed reduction would).
+  * ``hang@N``: the last rank stops (sleeps) before iteration N, once per run folder: only
+    while ``RUN/hang/`` does not exist yet, so the retried launch runs through (loop.py);
+  * ``slow_rank@R``: global rank R sleeps :data:`SLOW_S` before each step (a straggler).
 The loop reads its fault once per launch; each step costs one integer comparison.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 FAULT_EXIT = 17
+SLOW_S = 1.0
 
 
 def planned(point: str) -> int | None:
@@ -42,3 +47,8 @@ def poison(model, point: str, iteration: int, rank: int) -> None:
     target = p if point == "nan_weight" else p.main_grad
     target.view(-1)[0] = float("nan")
     print(f"[test fault] {point} at iteration {iteration} on rank {rank}", flush=True)
+def hang_forever(point: str) -> None:
+    """Block as a rank stuck in a dead collective would (until the watchdog ends the process)."""
+    print(f"[test fault] {point}: this rank stops making progress", flush=True)
+    while True:
+        time.sleep(3600)
