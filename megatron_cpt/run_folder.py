@@ -3,9 +3,10 @@
 Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
 
     config.yaml              the resolved training config (``TrainConfig.to_dict()``)
-    run.json                 config hash, world size, DP, budget (written at every start)
+    run.json                 config hash, world size, DP, budget, code provenance (every start)
     metrics.jsonl            append-only log of train / valid / event records (rank 0)
-    exit_status.json         the trainer's verdict: {code, iteration, iterations, reason}
+    exit_status.json         the trainer's verdict: {code, iteration, iterations, reason};
+                             code null / reason "running" from launch start to the verdict
     lease.json               the one writer: host, job, pid, heartbeat (training/lease.py)
     checkpoints/iter_N/      committed checkpoints (written by training/checkpointing.py)
     checkpoints/latest       name of the checkpoint resume trusts
@@ -244,6 +245,22 @@ class RunFolder:
         write_json_atomic(self.exit_status_path, {"code": code, "iteration": iteration,
                                                   "iterations": iterations,
                                                   "reason": EXIT_CODES[code].reason})
+
+    def write_running(self, iteration: int, iterations: int) -> None:
+        """At launch start: a launcher never reads the previous launch's verdict as this one's."""
+        write_json_atomic(self.exit_status_path, {"code": None, "iteration": iteration,
+                                                  "iterations": iterations, "reason": "running"})
+
+    def write_refused(self, message: str) -> None:
+        """A launch refused before it started (exit 2): replaces a stale verdict, if there is
+        one, and creates nothing else."""
+        old = self.exit_status()
+        if old is None:
+            return
+        write_json_atomic(self.exit_status_path, {
+            "code": UsageError.exit_code, "iteration": old.get("iteration"),
+            "iterations": old.get("iterations"), "reason": EXIT_CODES[UsageError.exit_code].reason,
+            "message": message})
 
     def exit_status(self) -> dict | None:
         return _read_json(self.exit_status_path)

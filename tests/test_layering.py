@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("megatron_cpt", "data_prep", "eval")
 LAYERS = {  # path prefix (relative to the repo) -> layer; the longest matching prefix wins
     "megatron_cpt/__init__.py": 0, "megatron_cpt/errors.py": 0, "megatron_cpt/config_loader.py": 0,
-    "megatron_cpt/run_folder.py": 0, "megatron_cpt/runtime/": 0, "megatron_cpt/models/": 0,
+    "megatron_cpt/run_folder.py": 0, "megatron_cpt/provenance.py": 0, "megatron_cpt/runtime/": 0, "megatron_cpt/models/": 0,
     "megatron_cpt/checkpoint/": 0,
     # the typed schema of a run folder's config.yaml: read by run_folder (ground) and by eval
     "megatron_cpt/training/config.py": 0,

@@ -30,6 +30,13 @@ def test_exit_status_and_run_info_round_trip(tmp_path):
     assert run.hang_report(3) == run.path / "hang" / "rank_00003.txt"
     run.clear_exit_status()
     assert run.exit_status() is None
+    run.write_refused("bad latest")  # no previous verdict: a refusal creates nothing
+    assert run.exit_status() is None
+    run.write_running(3, 5)
+    assert run.exit_status() == {"code": None, "iteration": 3, "iterations": 5, "reason": "running"}
+    run.write_refused("bad latest")
+    assert run.exit_status() == {"code": 2, "iteration": 3, "iterations": 5, "reason": "usage",
+                                 "message": "bad latest"}
 
 
 def test_metrics_skip_a_line_cut_by_a_kill_and_eval_results_by_iteration(tmp_path):

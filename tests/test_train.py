@@ -2,12 +2,15 @@
 
 Launches (each one process group): 1 process x 30 steps; TP2, PP2, TP2xPP2 x 4 steps;
 DP2 x 30 steps (the reference of the preemption test); DP2 stopped by SIGTERM + relaunch;
-1 process crashed inside a checkpoint save + relaunch.
+1 process crashed inside a checkpoint save + relaunch; run integrity (issue 13): a NaN in a
+weight (stop) and in a gradient (skip); broken checkpoints refused, then --resume-from.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,11 +151,13 @@ def test_model_parallel_losses_equal_single_process(single, toy, tmp_path, nproc
     steps = 4
     run_dir = tmp_path / "run"
     if par == ["parallel.tp=2"]:
+        # a NaN in each TP rank's gradient shard: the grad norm (reduced over TP) is NaN on
+        # both ranks, the update is never applied, so the weights of step 4 are saved
         proc = launch(toy, nproc, run_dir, [*par, "logging.tensorboard=true"],
-                      env={"MEGATRON_CPT_TEST_FAULT": f"nan_loss@{steps + 1}"})
+                      env={"MEGATRON_CPT_TEST_FAULT": f"nan_grad@{steps + 1}"})
         assert exit_status(run_dir) == {"code": 3, "iteration": steps, "iterations": 30,
                                         "reason": "nonfinite"}, proc.stderr[-4000:]
-        assert f"non-finite loss nan at iteration {steps + 1}" in proc.stderr
+        assert f"non-finite grad norm nan at iteration {steps + 1}" in proc.stderr
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     else:
         proc = launch(toy, nproc, run_dir, [*par, f"train.stop_after_iterations={steps}"])
@@ -226,6 +231,7 @@ def test_crash_during_checkpoint_save_keeps_previous_and_resumes(toy, single, tm
     run_dir = tmp_path / "run"
     crashed = launch(toy, 1, run_dir, env={"MEGATRON_CPT_TEST_FAULT": "crash_in_save@20"})
     assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert exit_status(run_dir)["reason"] == "running"  # never the previous launch's verdict
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text().strip() == "iter_0000010"
     assert (ck / ".iter_0000020.tmp").is_dir() and not (ck / "iter_0000020").exists()
@@ -325,3 +331,162 @@ def test_sigkill_of_a_rank_leaves_no_process_of_the_run(toy, tmp_path):
     assert not survivors, f"alive after the agent ended: {survivors}"
     print(f"kill -9 of rank 1: {len(seen)} processes of the run, none left "
           f"{time.time() - killed_at:.1f} s after the agent exited {code}")
+
+
+# -- run integrity (issue 13): non-finite steps, explicit resume ----------------------------
+def _finite_checkpoint(ckpt: Path, tmp: Path) -> bool:
+    """Every tensor of a committed checkpoint (model and optimizer state) is finite."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt / "weights"), str(out))
+    state = torch.load(out, weights_only=False)
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    assert tensors, f"no tensors in {ckpt}"
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
+
+
+def _committed(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_in_a_weight_never_reaches_a_checkpoint(toy, single, tmp_path, policy):
+    """stop (default), NaN at a random iteration: exit 3 at once. skip (max_skipped_steps=1),
+    NaN before iteration 20: step 20 is skipped, its checkpoint is not written (the weights are
+    NaN), step 21 exceeds the skips: exit 3. Both: latest stays on the last committed checkpoint
+    (iteration 10) and every committed checkpoint is finite."""
+    import random
+
+    at = random.randint(12, 19) if policy == "stop" else 20
+    print(f"on_nonfinite={policy}: NaN written into a weight before iteration {at}")
+    run_dir = tmp_path / "run"
+    extra = [] if policy == "stop" else ["train.on_nonfinite=skip", "train.max_skipped_steps=1"]
+    proc = launch(toy, 1, run_dir, extra, env={"MEGATRON_CPT_TEST_FAULT": f"nan_weight@{at}"})
+    _ok(proc, 3)
+    last = at - 1 if policy == "stop" else at
+    assert exit_status(run_dir) == {"code": 3, "iteration": last, "iterations": 30,
+                                    "reason": "nonfinite"}
+    assert f"non-finite loss nan at iteration {last + 1}; the weights are non-finite, nothing " \
+           "saved; checkpoints/latest stays on iter_0000010" in proc.stderr, proc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
+    assert _committed(run_dir) == ["iter_0000010"]
+    assert _finite_checkpoint(run_dir / "checkpoints" / "iter_0000010", tmp_path)
+    got, ref = losses(run_dir), losses(single)
+    assert got == {i: ref[i] for i in range(1, at)}  # iteration `at` never logged a loss
+    events = [(r["event"], r["iteration"]) for r in records(run_dir, "event")
+              if r["event"] in ("skipped", "nonfinite")]
+    assert events == ([("nonfinite", at - 1)] * 2 if policy == "stop" else
+                      [("skipped", 20), ("nonfinite", 20), ("nonfinite", 20), ("nonfinite", 20)])
+
+
+def test_nan_in_a_gradient_is_skipped_and_logged(toy, single, tmp_path):
+    """skip: the update of the bad step is dropped, the run goes on to the end with finite
+    checkpoints; the skip is an event and counts against train.max_skipped_steps."""
+    import random
+
+    at = random.randint(12, 19)
+    print(f"NaN written into a gradient at iteration {at}")
+    run_dir = tmp_path / "run"
+    proc = launch(toy, 1, run_dir, ["train.on_nonfinite=skip", "train.max_skipped_steps=1"],
+                  env={"MEGATRON_CPT_TEST_FAULT": f"nan_grad@{at}"})
+    _ok(proc)
+    skipped = [r for r in records(run_dir, "event") if r["event"] == "skipped"]
+    assert [r["iteration"] for r in skipped] == [at], skipped
+    assert "non-finite grad norm nan" in skipped[0]["details"]
+    got, ref = losses(run_dir), losses(single)
+    assert sorted(got) == [i for i in range(1, 31) if i != at]
+    assert {i: got[i] for i in range(1, at)} == {i: ref[i] for i in range(1, at)}
+    assert all(math.isfinite(v) for v in got.values())
+    ck = run_dir / "checkpoints"
+    assert _committed(run_dir) == ["iter_0000020", "iter_0000030"]
+    assert all(_finite_checkpoint(ck / n, tmp_path) for n in _committed(run_dir))
+    meta = json.loads((ck / "iter_0000030" / "metadata.json").read_text())
+    assert meta["skipped_steps"] == 1
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run_dir.rglob("*") if p.is_file() and p.name != "exit_status.json"}
+
+
+def _break(run_dir: Path, fault: str) -> None:
+    ck = run_dir / "checkpoints"
+    if fault == "dangling_latest":
+        (ck / "latest").write_text("iter_0000040\n")
+    elif fault == "deleted_weights":
+        shutil.rmtree(ck / "iter_0000030" / "weights")
+    else:
+        next((ck / "iter_0000030" / "weights").glob("*.distcp")).unlink()
+
+
+WHY = {"dangling_latest": "checkpoints/latest names iter_0000040, which does not exist",
+       "deleted_weights": "checkpoints/latest names iter_0000030, which has no weights/",
+       "deleted_distcp": "checkpoints/latest names iter_0000030, which lacks weights/__"}
+
+
+@pytest.mark.parametrize("fault", list(WHY))
+def test_broken_latest_checkpoint_is_refused_then_resume_from(toy, single, tmp_path, fault):
+    """A run folder whose latest checkpoint is gone or incomplete: exit 2 with one line naming
+    the newest complete checkpoint, nothing in the run folder touched but the verdict. For a
+    deleted .distcp: --resume-from iter_0000020 then reproduces the uninterrupted losses."""
+    from megatron_cpt.training import checkpointing
+    from megatron_cpt.training.config import TrainConfig
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(single, run_dir)
+    plan_of = lambda **kw: checkpointing.plan_resume(run_dir, 1, **kw)  # noqa: E731
+    assert plan_of().describe() == "resume at iteration 30 from iter_0000030 (checkpoints/latest)"
+    _break(run_dir, fault)
+    before = _snapshot(run_dir)
+    proc = launch(toy, 1, run_dir)
+    _ok(proc, 2)
+    err = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and WHY[fault] in err[0], proc.stderr[-3000:]
+    good = "iter_0000030" if fault == "dangling_latest" else "iter_0000020"
+    assert f"the newest complete checkpoint is {good}: relaunch with --resume-from {good}" in err[0]
+    assert _snapshot(run_dir) == before
+    assert exit_status(run_dir)["code"] == 2 and exit_status(run_dir)["reason"] == "usage"
+    if fault != "deleted_distcp":
+        return
+    # --check says what a launch would do (same decision as the launch)
+    cfg = TrainConfig.load(CONFIG, _args(toy, run_dir, [])[2:])
+    from megatron_cpt.training.preflight import prepare
+
+    assert prepare(cfg, resume_from="iter_0000020").resume.describe() == \
+        "resume at iteration 20 from iter_0000020 (--resume-from)"
+    # a resume that runs other code is noted
+    info = json.loads((run_dir / "run.json").read_text())
+    info["provenance"]["git_commit"] = "0" * 40
+    (run_dir / "run.json").write_text(json.dumps(info))
+    resumed = launch(toy, 1, run_dir, ["--resume-from", "iter_0000020"])
+    _ok(resumed)
+    assert losses(run_dir) == losses(single)  # iterations 21..30 redone, exactly
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000030"
+    assert checkpointing.checkpoint_problem(run_dir / "checkpoints" / "iter_0000030", 1) is None
+    events = [r["event"] for r in records(run_dir, "event")
+              if r["event"] in ("resume", "code_changed")]
+    assert events == ["resume", "code_changed"], events
+    prov = json.loads((run_dir / "run.json").read_text())["provenance"]
+    assert prov["git_commit"] != "0" * 40 and prov["version"]
+    assert exit_status(run_dir)["code"] == 0
+
+
+def test_fresh_folder_check_says_fresh_start(tmp_path):
+    from megatron_cpt.training import checkpointing
+
+    assert checkpointing.plan_resume(tmp_path / "new", 1).describe().startswith("fresh start")
+    (tmp_path / "run" / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    with pytest.raises(Exception, match="checkpoints/latest is missing or empty; no complete "
+                                        "checkpoint remains"):
+        checkpointing.plan_resume(tmp_path / "run", 1)
+
+
+def test_resume_with_another_world_size_is_refused(single):
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.training import checkpointing
+
+    with pytest.raises(UsageError, match="iter_0000030 was written by 1 ranks, this launch has 2; "
+                                         "resume with the same number of processes"):
+        checkpointing.plan_resume(single, 2)

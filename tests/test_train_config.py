@@ -51,6 +51,10 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
     b = TrainConfig.load(CONFIG, [])
     assert a.result_hash() == b.result_hash()  # logging / retention do not change results
     assert TrainConfig.load(CONFIG, ["optimizer.lr=1e-4"]).result_hash() != b.result_hash()
+    # the non-finite policy acts only on a failed step: not part of the hash; bad values refused
+    assert TrainConfig.load(CONFIG, ["train.on_nonfinite=skip"]).result_hash() == b.result_hash()
+    with pytest.raises(UsageError, match="train.on_nonfinite 'retry' unknown; choose stop or skip"):
+        TrainConfig.load(CONFIG, ["train.on_nonfinite=retry"])
 
 
 def test_flops_per_token_formula():
@@ -96,7 +100,8 @@ def test_check_passes_on_valid_config(toy, tmp_path, monkeypatch, capsys):
 
     assert main(["train", "--check", "--config", str(CONFIG),
                  *toy_overrides(toy, tmp_path / "run")]) == 0
-    assert "30 iterations" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok: fresh start from model.pretrained" in out and "30 iterations" in out
 
 
 def _bad_prefix(toy, tmp_path, name, mutate):
@@ -233,9 +238,15 @@ def test_retention_keeps_last_k_and_evaluation_grid(tmp_path):
 
     for it in (10, 20, 30, 40, 50, 60):
         (tmp_path / iter_name(it)).mkdir()
-    _retain(tmp_path, keep_last=2, keep_iterations={20, 40})
+    _retain(tmp_path, 60, keep_last=2, keep_iterations={20, 40})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         iter_name(i) for i in (20, 40, 50, 60)]
+    # after --resume-from 20 the folders after the one just saved (30) neither count as kept
+    # nor push out a good one
+    (tmp_path / iter_name(30)).mkdir()
+    _retain(tmp_path, 30, keep_last=2, keep_iterations=set())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        iter_name(i) for i in (20, 30, 40, 50, 60)]
 
 
 def test_fault_hooks_read_only_their_own_point(monkeypatch):
@@ -248,3 +259,17 @@ def test_fault_hooks_read_only_their_own_point(monkeypatch):
     fault_hooks.crash_if_planned("crash_in_save", 7)  # another point: returns
     monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@x")
     assert fault_hooks.planned("nan_loss") is None
+
+
+def test_spike_watch_flags_a_loss_far_above_the_recent_mean():
+    from megatron_cpt.training.nonfinite import SpikeWatch
+
+    assert SpikeWatch(None).spike(1e9) is None  # off by default
+    watch = SpikeWatch(3.0, window=50)
+    assert [watch.spike(2.0) for _ in range(10)] == [None] * 10
+    assert watch.spike(5.9) is None          # below 3 x 2.0
+    mean = watch.spike(100.0)
+    assert mean == pytest.approx((20 + 5.9) / 11)
+    assert watch.spike(2.0) is None and len(watch.recent) == 12  # the spike stayed out
+    with pytest.raises(UsageError, match="train.spike_factor 0.5 must be > 1"):
+        TrainConfig.load(CONFIG, ["train.spike_factor=0.5"])

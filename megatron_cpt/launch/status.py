@@ -77,7 +77,7 @@ def _state(slurm: dict, progress: dict, launched: bool) -> str:
     if slurm.get("JobState"):
         return slurm["JobState"]
     exit_status = progress["exit"]
-    if exit_status:
+    if exit_status and exit_status.get("code") is not None:  # null: a launch left no verdict
         return rf.exit_state(exit_status.get("code"))
     if progress["iteration"]:
         return "INCOMPLETE"

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cpt.checkpoint import store
+from megatron_cpt.errors import UsageError
 from megatron_cpt.runtime import mcore_patches
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import fault_hooks
@@ -50,6 +52,104 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     ckpt = run.checkpoints / name
     return ckpt if store.is_checkpoint(ckpt) else None
+
+
+def _iteration_of(name: str) -> int | None:
+    return int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+
+
+def committed(run_dir: Path) -> list[Path]:
+    """The run's ``iter_N`` folders, oldest first (complete or not)."""
+    root = RunFolder(run_dir).checkpoints
+    found = [p for p in root.glob("iter_*") if _iteration_of(p.name) is not None] \
+        if root.is_dir() else []
+    return sorted(found, key=lambda p: _iteration_of(p.name))
+
+
+def checkpoint_problem(ckpt: Path, world: int) -> str | None:
+    """Why ``ckpt`` cannot be resumed by ``world`` ranks, or None: every file a resume reads
+    is checked (metadata, the dist checkpoint's index and each ``.distcp`` it names, the
+    per-rank trainer state), so a resume never fails half-way through loading."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    weights = ckpt / store.WEIGHTS
+    if not ckpt.is_dir():
+        return "does not exist"
+    if not (ckpt / store.METADATA).is_file():
+        return f"has no {store.METADATA} (never committed)"
+    if not (weights / ".metadata").is_file():
+        return f"has no {store.WEIGHTS}/ (or its .metadata)"
+    try:
+        storage = FileSystemReader(str(weights)).read_metadata().storage_data
+    except Exception as exc:  # a torn or foreign index: any reader error means unusable
+        return f"has an unreadable {store.WEIGHTS}/.metadata ({type(exc).__name__})"
+    for info in storage.values():
+        f = weights / info.relative_path
+        if not f.is_file() or f.stat().st_size < info.offset + info.length:
+            return f"lacks {store.WEIGHTS}/{info.relative_path} (missing or truncated)"
+    ranks = json.loads((ckpt / store.METADATA).read_text()).get("world_size")
+    if ranks != world:
+        return (f"was written by {ranks} ranks, this launch has {world}; resume with the same "
+                "number of processes and the same TP/PP")
+    for r in range(world):
+        if not (ckpt / TRAINER / f"rank_{r:05d}.pt").is_file():
+            return f"lacks {TRAINER}/rank_{r:05d}.pt"
+    return None
+
+
+@dataclass
+class Resume:
+    """What a launch does with its run folder: start fresh from ``model.pretrained`` or
+    resume ``checkpoint`` at ``iteration``; ``explicit`` when chosen by ``--resume-from``."""
+
+    checkpoint: Path | None = None
+    iteration: int = 0
+    explicit: bool = False
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            return "fresh start from model.pretrained (the run folder holds no checkpoint)"
+        how = "--resume-from" if self.explicit else "checkpoints/latest"
+        return f"resume at iteration {self.iteration} from {self.checkpoint.name} ({how})"
+
+
+def _refuse(run_dir: Path, what: str, world: int) -> UsageError:
+    good = [p for p in reversed(committed(run_dir)) if checkpoint_problem(p, world) is None]
+    fix = (f"the newest complete checkpoint is {good[0].name}: relaunch with --resume-from "
+           f"{good[0].name}") if good else \
+        ("no complete checkpoint remains: move checkpoints/ away to start again from "
+         "model.pretrained")
+    return UsageError(f"run folder {run_dir}: {what}; {fix}")
+
+
+def plan_resume(run_dir: Path, world: int, resume_from: str | None = None) -> Resume:
+    """Fresh start, resume, or a UsageError (exit 2) naming the newest complete checkpoint.
+    A folder that holds checkpoints is never silently re-initialised from model.pretrained."""
+    run = RunFolder(run_dir)
+    if resume_from:
+        it = _iteration_of(resume_from) if not resume_from.isdigit() else int(resume_from)
+        ckpt = run.checkpoints / iter_name(it) if it is not None else run.checkpoints / resume_from
+        problem = checkpoint_problem(ckpt, world)
+        if problem:
+            raise _refuse(run_dir, f"--resume-from {resume_from}: {ckpt.name} {problem}", world)
+        return Resume(ckpt, _iteration_of(ckpt.name), explicit=True)
+    name, found = run.latest_name(), committed(run_dir)
+    if name is None and not found and not run.latest_pointer.exists():
+        return Resume()
+    if name is None:
+        held = f"checkpoints/ holds {found[-1].name} but " if found else ""
+        raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world)
+    problem = checkpoint_problem(run.checkpoints / name, world)
+    if problem and problem.startswith("was written by"):  # fine, but for another world size
+        raise UsageError(f"{run.checkpoints / name} {problem}")
+    if problem:
+        raise _refuse(run_dir, f"checkpoints/latest names {name}, which {problem}", world)
+    return Resume(run.checkpoints / name, _iteration_of(name) or 0)
+
+
+def point_latest(run_dir: Path, name: str) -> None:
+    """Rank 0: move ``checkpoints/latest`` to ``name`` (an explicit ``--resume-from``)."""
+    _write_latest(RunFolder(run_dir).latest_pointer, name)
 
 
 def clean_stale(run_dir: Path) -> list[str]:
@@ -129,7 +229,7 @@ def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(RunFolder(run_dir).latest_pointer, final.name)
-        _retain(root, keep_last, keep_iterations)
+        _retain(root, iteration, keep_last, keep_iterations)
     dist.barrier()
     return final
 
@@ -144,8 +244,12 @@ def _write_latest(pointer: Path, name: str) -> None:
     os.replace(tmp, pointer)
 
 
-def _retain(root: Path, keep_last: int, keep_iterations: set[int]) -> None:
-    its = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+def _retain(root: Path, newest: int, keep_last: int, keep_iterations: set[int]) -> None:
+    """Keep the last ``keep_last`` checkpoints up to ``newest`` (the one just committed) and
+    the evaluation grid. Folders after ``newest`` (left behind by ``--resume-from`` an older
+    one) neither count as kept nor push a good checkpoint out; the next saves replace them."""
+    its = sorted(i for i in (_iteration_of(p.name) for p in root.glob("iter_*"))
+                 if i is not None and i <= newest)
     for it in its[:-keep_last] if len(its) > keep_last else []:
         if it not in keep_iterations:
             shutil.rmtree(root / iter_name(it), ignore_errors=True)
@@ -198,20 +302,35 @@ def _restore_adam_step(optimizer, step: float | None) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _load_strict(ckpt: Path, sharded: dict) -> dict:
+    """Megatron's dist load refusing any missing or unexpected key, as one line (exit 2)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        return dist_checkpointing.load(sharded, str(Path(ckpt) / store.WEIGHTS),
+                                       strict=StrictHandling.RAISE_ALL)
+    except Exception as exc:  # CheckpointingException or torch's CheckpointException
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{ckpt} cannot be resumed: {first}; pass --resume-from an older "
+                         "checkpoint") from exc
+
+
 def load(ckpt: Path, gpt, optimizer, scheduler) -> dict:
     """Full resume (collective): model, optimizer, scheduler, RNG. Returns the metadata."""
-    from megatron.core import dist_checkpointing
-
     meta = store.read_metadata(ckpt)
     if meta.get("world_size") != dist.get_world_size():
-        from megatron_cpt.errors import UsageError
         raise UsageError(f"{ckpt} was written by {meta.get('world_size')} ranks; resume it with "
                          "the same number of processes and the same TP/PP")
     _init_optimizer_state(optimizer)
-    state = dist_checkpointing.load(_state_dicts(gpt, optimizer, is_loading=True),
-                                    str(Path(ckpt) / store.WEIGHTS))
+    state = _load_strict(ckpt, _state_dicts(gpt, optimizer, is_loading=True))
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
-        gpt.load_state_dict(state["model"], strict=False)
+        result = gpt.load_state_dict(state["model"], strict=False)
+        keys = [k for k in result.missing_keys + result.unexpected_keys
+                if not k.endswith("_extra_state")]
+        if keys:
+            raise UsageError(f"{ckpt} does not match this model (keys {keys[:3]}); resume it with "
+                             "the config that wrote it")
         optimizer.load_state_dict(state["optimizer"])
     _restore_adam_step(optimizer, meta.get("adam_step"))
     scheduler.load_state_dict(meta["scheduler"])

@@ -137,6 +137,9 @@ class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
+    on_nonfinite: str = "stop"     # NaN/Inf loss or grad norm: stop (exit 3) | skip (drop the update)
+    max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
+    spike_factor: float | None = None  # a `spike` event when loss > factor x mean of the last 50
     # hang watchdog: no step or save completed for this long -> stacks in RUN/hang/, exit 4 (0: off)
     hang_timeout_min: float = 10.0
     # torch.distributed timeout of every collective: above the longest checkpoint save and
@@ -205,6 +208,9 @@ class TrainConfig:
         d["checkpoint"] = {}
         d["train"].pop("exit_before_walltime_min")
         d["train"].pop("stop_after_iterations")
+        d["train"].pop("on_nonfinite")  # policies: they act only when a step already failed
+        d["train"].pop("max_skipped_steps")
+        d["train"].pop("spike_factor")
         d["train"].pop("hang_timeout_min")
         d["train"].pop("collective_timeout_min")
         d["train"].pop("gc_interval")
@@ -259,6 +265,13 @@ class TrainConfig:
             raise UsageError("train.gc_interval must be >= 0 (0: only at checkpoints/validation) or null")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
+        if self.train.on_nonfinite not in ("stop", "skip"):
+            raise UsageError(f"train.on_nonfinite {self.train.on_nonfinite!r} unknown; "
+                             "choose stop or skip")
+        if self.train.max_skipped_steps < 0:
+            raise UsageError("train.max_skipped_steps must be >= 0")
+        if self.train.spike_factor is not None and self.train.spike_factor <= 1:
+            raise UsageError(f"train.spike_factor {self.train.spike_factor} must be > 1 (or null)")
         self._check_health()
         if self.checkpoint.keep_last < 1:
             raise UsageError("checkpoint.keep_last must be >= 1")

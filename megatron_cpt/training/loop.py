@@ -1,13 +1,15 @@
 """The training loop, on Megatron-core primitives (DDP, distributed optimizer,
 OptimizerParamScheduler, pipeline schedules). :func:`train` reads top to bottom:
 
-    plan = preflight.prepare(cfg)         # every check, no tensors
-    init distributed; record the run folder (config.yaml, run.json)
-    launch = Launch(plan, ...)            # model: pretrained (first launch) or resumed; data
+    plan = preflight.prepare(cfg)         # every check, no tensors; fresh / resume / refuse
+    init distributed; record the run folder (config.yaml, run.json, exit_status "running")
+    launch = Launch(plan, ...)            # model: pretrained (fresh start) or resumed; data
     run_steps(launch, stop):              # per iteration:
         forward_backward                  #   one all-reduce: loss + stop flag
-        non-finite loss -> save the last good iteration, exit EXIT_NONFINITE
-        optimizer_step                    #   log; validation loss; checkpoint
+        optimizer_step                    #   update only if loss and grad norm are finite;
+                                          #   else skip it or stop (exit EXIT_NONFINITE, no
+                                          #   checkpoint of non-finite weights); log
+        validate_and_checkpoint
         stop_early -> save, exit EXIT_REQUEUE (launchers requeue the job)
     launch.finish(code)                   # final validation + checkpoint, exit_status.json
 """
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_cpt import provenance
 from megatron_cpt import run_folder as rf
 from megatron_cpt.run_folder import RunFolder
-from megatron_cpt.training import checkpointing, data, fault_hooks, lease, signals, startup_record
+from megatron_cpt.training import checkpointing, data, fault_hooks, lease, nonfinite, signals
+from megatron_cpt.training import startup_record
 from megatron_cpt.training.health import RankHealth
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.gc_policy import GCPolicy
@@ -112,7 +117,7 @@ def _build(plan: RunPlan, device):
     from megatron_cpt.checkpoint import store
 
     cfg = plan.cfg
-    resume = checkpointing.latest_checkpoint(Path(cfg.run_dir))
+    resume = plan.resume.checkpoint  # decided (and checked) by preflight
     load = None
     if resume is None:  # first launch: the converted pretrained weights, iteration 0
         load = lambda gpt: store.load_model_weights(gpt, Path(cfg.model.pretrained))  # noqa: E731
@@ -171,18 +176,28 @@ def _device() -> torch.device:
 
 
 def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
-    """Rank 0 records the config, the plan and what is active (the startup record, printed
-    once) and removes half-written checkpoints; all wait."""
+    """Rank 0 records the config, the plan, what is active (the startup record, printed
+    once) and the code (noting a resume that runs other code), marks the launch running,
+    removes half-written checkpoints and points ``latest`` at an explicit ``--resume-from``;
+    all wait."""
     run = RunFolder(plan.cfg.run_dir)
     if dist.get_rank() == 0:
+        code = provenance.provenance()
+        changed = provenance.differences((run.run_info() or {}).get("provenance"), code)
+        if changed and plan.resume.checkpoint is not None:
+            plan.code_changed = "; ".join(changed)
         run.write_config(plan.cfg.to_dict())
         run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
-                            "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup})
+                            "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup,
+                            "provenance": code})
+        run.write_running(plan.resume.iteration, plan.budget.iterations)
         if startup is not None:
             event(startup_record.format_record(startup))
         removed = checkpointing.clean_stale(run.path)
         if removed:
             event(f"removed uncommitted checkpoint folders {removed}")
+        if plan.resume.explicit:
+            checkpointing.point_latest(run.path, plan.resume.checkpoint.name)
     dist.barrier()
     return run
 
@@ -240,6 +255,8 @@ class Launch:
         self.rank = dist.get_rank()
         self.gpt, self.model, self.optimizer, self.scheduler, resume = _build(plan, device)
         self.metrics = Metrics(run.path, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.skipped = 0   # updates dropped by train.on_nonfinite=skip, over the whole run
+        self.spikes = nonfinite.SpikeWatch(cfg.train.spike_factor)
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
@@ -279,24 +296,36 @@ class Launch:
         """Load the latest checkpoint (later launches); returns the iteration to start at."""
         if ckpt is None:
             return 0
-        start = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler)["iteration"]
+        meta = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler)
+        start, self.skipped = meta["iteration"], meta.get("skipped_steps", 0)
         self.metrics.write({"kind": "event", "iteration": start, "event": "resume",
                             "details": ckpt.name})
+        if self.plan.code_changed:
+            self.metrics.write({"kind": "event", "iteration": start, "event": "code_changed",
+                                "details": self.plan.code_changed})
         if self.rank == 0:
-            event(f"resumed {ckpt} at iteration {start}")
+            event(f"resumed {ckpt} at iteration {start}"
+                  + (f" with different code: {self.plan.code_changed}" if self.plan.code_changed
+                     else ""))
         return start
 
     def _progress(self, it: int) -> dict:
         return {"tokens": it * self.plan.budget.tokens_per_iteration,
                 "flops": it * self.flops_per_iter}
 
-    def save(self, it: int) -> None:
-        """Collective: one committed checkpoint of iteration ``it``."""
+    def save(self, it: int) -> bool:
+        """Collective: one committed checkpoint of iteration ``it``; never of non-finite
+        weights (then nothing is written, ``latest`` stays, and it returns False)."""
+        if not nonfinite.weights_finite(self.gpt, self.device):
+            self.metrics.write({"kind": "event", "iteration": it, "event": "nonfinite",
+                                "details": f"non-finite weights: no checkpoint of iteration {it}"})
+            return False
         self.gc_policy.at_sync_point()
         b = self.cfg.batch
         self.watchdog.phase(f"checkpoint save of iteration {it}")
         meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
+                "skipped_steps": self.skipped,
                 "source": {"type": "pretrained", "path": self.cfg.model.pretrained}}
         path = checkpointing.save(self.run.path, it, self.gpt, self.optimizer, self.scheduler, meta,
                                   Path(self.cfg.model.pretrained), self.cfg.checkpoint.keep_last,
@@ -305,6 +334,7 @@ class Launch:
         self.watchdog.beat(it)
         self.metrics.write({"kind": "event", "iteration": it, "event": "checkpoint",
                             "details": path.name})
+        return True
 
     def validation_loss(self, it: int) -> None:
         """Mean loss on each validation set, written as ``valid`` records (collective)."""
@@ -341,10 +371,12 @@ class Launch:
                                          b.micro_batch_size)
         batches = [data.collate(self.data.train, idx) for idx in micro]
         self.samples.write(it, micro, batches)
+        fault_hooks.poison(self.gpt, "nan_weight", it + 1, self.rank)  # tests only
         losses = self.fb(forward_step_func=self.forward_step, data_iterator=iter(batches),
                          model=[self.model], num_microbatches=self.plan.accumulation,
                          seq_length=self.cfg.data.seq_length, micro_batch_size=b.micro_batch_size,
                          forward_only=False)
+        fault_hooks.poison(self.gpt, "nan_grad", it + 1, self.rank)  # tests only
         # one all-reduce carries the loss, the stop flag and the walltime flag
         agree = torch.tensor([_mean_loss(losses) if self.last_stage_tp0 else 0.0,
                               1.0 if self.last_stage_tp0 else 0.0, stop.local_code()],
@@ -357,23 +389,51 @@ class Launch:
             time.sleep(1.0)
         return loss, bool(agree[2] > 0)
 
-    def stop_nonfinite(self, loss: float) -> int:
-        """Keep the last good iteration (its checkpoint) and refuse to go on."""
+    def stop_nonfinite(self, what: str) -> int:
+        """Refuse to go on; checkpoint the current weights only when they are finite on every
+        rank (the update was never applied), else ``latest`` stays on the last committed one."""
         it = self.iteration
-        msg = (f"non-finite loss {loss} at iteration {it + 1}; stopped with a checkpoint of "
-               f"the last good iteration {it}; lower optimizer.lr or check the data")
-        if self.saved_at != it:
-            self.save(it)
+        if self.saved_at == it:
+            kept = f"the checkpoint of iteration {it} is kept"
+        elif self.save(it):
+            kept = f"stopped with a checkpoint of the last good iteration {it}"
+        else:
+            kept = (f"the weights are non-finite, nothing saved; checkpoints/latest stays on "
+                    f"{self.run.latest_name()}")
+        msg = f"{what} at iteration {it + 1}; {kept}; lower optimizer.lr or check the data"
         self.metrics.write({"kind": "event", "iteration": it, "event": "nonfinite", "details": msg})
         if self.rank == 0:
             event(msg)
         return rf.EXIT_NONFINITE
 
-    def optimizer_step(self, loss: float, t0: float) -> None:
-        """Apply the gradients, advance the schedule and log the iteration."""
+    def skip_or_stop(self, what: str) -> int | None:
+        """``train.on_nonfinite``: drop this update (its batch counts as consumed) and go on,
+        or stop with exit 3 (``stop``, or more than ``max_skipped_steps`` skipped)."""
+        t = self.cfg.train
+        if t.on_nonfinite != "skip" or self.skipped >= t.max_skipped_steps:
+            return self.stop_nonfinite(what)
+        self.skipped += 1
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.launched += 1
+        self.watchdog.beat(self.iteration)  # a skipped step is progress, not a hang
+        msg = f"{what}: update dropped ({self.skipped} of {t.max_skipped_steps} skips allowed)"
+        self.metrics.write({"kind": "event", "iteration": self.iteration, "event": "skipped",
+                            "details": msg})
+        if self.rank == 0:
+            event(f"iteration {self.iteration}: {msg}")
+        return None
+
+    def optimizer_step(self, loss: float, t0: float) -> int | None:
+        """Apply the gradients if the loss and the grad norm are finite, advance the schedule
+        and log the iteration; otherwise :meth:`skip_or_stop` (its exit code, or None)."""
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        if not math.isfinite(loss):
+            return self.skip_or_stop(f"non-finite loss {loss}")
         self.watchdog.phase(f"optimizer step of iteration {self.iteration + 1}")
-        _, grad_norm, _ = self.optimizer.step()
+        applied, grad_norm = nonfinite.checked_step(self.optimizer, self.device)
+        if not applied:
+            return self.skip_or_stop(f"non-finite grad norm {grad_norm}")
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.launched += 1
@@ -381,6 +441,11 @@ class Launch:
         dt = time.perf_counter() - t0
         it, n, bud = self.iteration, self.plan.budget.iterations, self.plan.budget
         self.watchdog.beat(it)
+        mean = self.spikes.spike(loss)
+        if mean is not None:
+            self.metrics.write({"kind": "event", "iteration": it, "event": "spike",
+                                "details": f"loss {loss:.4g} > {self.cfg.train.spike_factor} x "
+                                           f"the recent mean {mean:.4g}"})
         if it % self.cfg.logging.interval == 0 or it == n:
             tflops = self.flops_per_iter / dt / dist.get_world_size() / 1e12
             health, stragglers = self.health.gather(dt)  # collective
@@ -392,6 +457,7 @@ class Launch:
             self.metrics.write(rec)
             self.metrics.progress(rec, n)
             self.report_stragglers(it, stragglers)
+        return None
 
     def report_stragglers(self, it: int, stragglers: list[tuple[int, str]]) -> None:
         for rank, details in stragglers:
@@ -452,9 +518,9 @@ def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
     while launch.iteration < launch.plan.budget.iterations:
         t0 = time.perf_counter()
         loss, want_stop = launch.forward_backward(stop)
-        if not math.isfinite(loss):
-            return launch.stop_nonfinite(loss)
-        launch.optimizer_step(loss, t0)
+        code = launch.optimizer_step(loss, t0)
+        if code is not None:
+            return code
         launch.validate_and_checkpoint()
         code = launch.stop_early(want_stop, stop)
         if code is not None:
@@ -462,12 +528,35 @@ def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
     return rf.EXIT_OK
 
 
-def train(cfg: TrainConfig, force: bool = False) -> int:
+def _prepare(cfg: TrainConfig, force: bool, resume_from: str | None) -> RunPlan:
+    """The plan, or the refusal, which also replaces a stale verdict in exit_status.json."""
+    from megatron_cpt.errors import UsageError
+
+    try:
+        return prepare(cfg, force=force, resume_from=resume_from)
+    except UsageError as exc:
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 and _unleased(cfg):
+            RunFolder(cfg.run_dir).write_refused(str(exc))
+        raise
+
+
+def _unleased(cfg: TrainConfig) -> bool:
+    """A refused launch writes its verdict only where no live launch holds the folder."""
+    from megatron_cpt.errors import UsageError
+
+    try:
+        lease.check_free(RunFolder(cfg.run_dir))
+    except UsageError:
+        return False
+    return True
+
+
+def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None) -> int:
     """One launch of a run (collective). Returns the exit code (:data:`run_folder.EXIT_CODES`)."""
     from megatron_cpt.runtime import cuda_connections, init_distributed, shutdown
 
     connections = cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA
-    plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
+    plan = _prepare(cfg, force, resume_from)  # raises UsageError before any tensor exists
     startup = startup_record.build(cfg, plan.dtype, connections=connections)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
                      timeout_min=cfg.train.collective_timeout_min)

@@ -9,7 +9,7 @@ from pathlib import Path
 from megatron_cpt.errors import UsageError
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import budget as budget_mod
-from megatron_cpt.training import lease
+from megatron_cpt.training import checkpointing, lease
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.data import check_prefix
 
@@ -32,6 +32,8 @@ class RunPlan:
     vocab_size: int
     config_hash: str
     valid_names: list
+    resume: checkpointing.Resume = None  # fresh start or the checkpoint this launch resumes
+    code_changed: str | None = None      # set by the loop when a resume runs different code
 
 
 def world_size_from_env() -> int:
@@ -145,7 +147,7 @@ def _check_data(cfg: TrainConfig, tok_dir: Path) -> list[dict]:
 
 
 def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False,
-            check_data: bool = True) -> RunPlan:
+            check_data: bool = True, resume_from: str | None = None) -> RunPlan:
     """Every check, in the order a user fixes them; the plan of the launch."""
     from megatron_cpt.checkpoint import store
 
@@ -166,6 +168,7 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
                          f"{model.vocab_size} embedding rows")
     h = cfg.result_hash()
     check_run_dir(cfg, h, force)
+    resume = checkpointing.plan_resume(Path(cfg.run_dir), world, resume_from)
     names = [pre.name or Path(pre.prefix).name for pre in cfg.data.valid]
     return RunPlan(cfg, model, world, dp, accumulation, bud, keep, valid_every, dtype, eod, vocab,
-                   h, names)
+                   h, names, resume)
