@@ -3,7 +3,11 @@
 Points:
   * ``crash_in_save@N``: every rank exits :data:`FAULT_EXIT` between writing the weights of
     checkpoint N and committing its folder (checkpointing.py);
-  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py).
+  * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
+  * ``crash_rank@N``: the last rank exits :data:`CRASH_EXIT` right after iteration N, before
+    any checkpoint of N (loop.py), as a rank killed by a GPU or node fault would.
+``MEGATRON_CPT_TEST_FAULT_ONCE=FILE`` makes the fault fire once: not while FILE exists, and
+FILE is created when it fires (a requeued job keeps its environment).
 The loop reads its fault once per launch; each step costs one integer comparison.
 """
 from __future__ import annotations
@@ -11,17 +15,38 @@ from __future__ import annotations
 import os
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
+ONCE_ENV = "MEGATRON_CPT_TEST_FAULT_ONCE"
 FAULT_EXIT = 17
+CRASH_EXIT = 1
 
 
 def planned(point: str) -> int | None:
     """The iteration at which ``point`` is set to fail, or None (always, outside tests)."""
     name, _, iteration = os.environ.get(FAULT_ENV, "").partition("@")
-    return int(iteration) if name == point and iteration.isdigit() else None
+    if name != point or not iteration.isdigit():
+        return None
+    once = os.environ.get(ONCE_ENV)
+    return None if once and os.path.exists(once) else int(iteration)
+
+
+def _fired() -> None:
+    if once := os.environ.get(ONCE_ENV):
+        open(once, "w").close()
 
 
 def crash_if_planned(point: str, iteration: int) -> None:
     """Exit at once, without cleanup, as a killed node would."""
     if planned(point) == iteration:
         print(f"[test fault] {point} at iteration {iteration}: exiting {FAULT_EXIT}", flush=True)
+        _fired()
         os._exit(FAULT_EXIT)
+
+
+def crash_rank_if_planned(iteration: int, rank: int, world_size: int) -> None:
+    """The last rank dies at once (no cleanup, no checkpoint); the others find out through
+    their next collective or the launcher (srun --kill-on-bad-exit)."""
+    if rank == world_size - 1 and planned("crash_rank") == iteration:
+        print(f"[test fault] crash_rank: rank {rank} exits {CRASH_EXIT} after iteration "
+              f"{iteration}", flush=True)
+        _fired()
+        os._exit(CRASH_EXIT)

@@ -392,6 +392,7 @@ def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
         if not math.isfinite(loss):
             return launch.stop_nonfinite(loss)
         launch.optimizer_step(loss, t0)
+        fault_hooks.crash_rank_if_planned(launch.iteration, launch.rank, dist.get_world_size())
         launch.validate_and_checkpoint()
         code = launch.stop_early(want_stop, stop)
         if code is not None:
