@@ -144,17 +144,32 @@ def _job(job_id: str) -> dict:
     return dict(t.split("=", 1) for t in out.split() if "=" in t)
 
 
+def _instance_alive(job_id: str) -> bool:
+    """Whether any process of the job (its previous instance's batch script) is still on the
+    node: ``scontrol listpids`` lists them, run here on the cluster's only node."""
+    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
+    return any(line.split()[1:2] == [job_id] for line in out.splitlines()[1:] if line.strip())
+
+
 def _wait(job_id: str, timeout: float = 600) -> dict:
     """Wait for a job to end. A requeued job waits out SLURM's requeue delay (BeginTime,
-    ~2 minutes); release it at once instead of sleeping through it."""
-    deadline = time.time() + timeout
+    ~2 minutes); release it instead of sleeping through it, but only once its previous
+    instance has fully ended plus 3 s: slurmd refuses ("Job credential revoked") a launch
+    whose credential is not newer, in whole seconds, than the revocation of the last one."""
+    deadline, ended = time.time() + timeout, None
     while time.time() < deadline:
         job = _job(job_id)
         state = job.get("JobState", "")
         if state in FINAL_STATES:
             return job
         if state == "PENDING" and job.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=False)
+            if _instance_alive(job_id):
+                ended = None
+            elif ended is None:
+                ended = time.time()
+            elif time.time() - ended >= 3:
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
+                               check=False)
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} did not finish in {timeout} s: {_job(job_id)}")
