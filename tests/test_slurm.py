@@ -170,6 +170,8 @@ def _wait(job_id: str, timeout: float = 600) -> dict:
             elif time.time() - ended >= 3:
                 subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
                                check=False)
+        else:
+            ended = None
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} did not finish in {timeout} s: {_job(job_id)}")
