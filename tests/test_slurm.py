@@ -129,7 +129,7 @@ def tiny_study(tmp_path_factory, toy):
                   "tiny-b": {"model": "tiny-b", "tp": 2, "pp": 1, "nodes": 1, "tasks_per_node": 2,
                              "time": "00:15:00", "signal_s": 30}},
         "resources": {"gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1, "mem": "2G",
-                      "max_requeues": 5},
+                      "max_requeues": 5, "max_failures": 1},
         "eval": {"enabled": True, "exams": exams, "num_fewshot": 0, "limit": 3, "batch_size": 8,
                  "valid_sequences": 4, "time": "00:15:00", "gpus": 0, "cpus": 1, "mem": "2G"},
     }
@@ -189,9 +189,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
 
 
-def _sbatch(script: Path, study_dir: Path) -> str:
+def _sbatch(script: Path, study_dir: Path, extra_env: dict | None = None) -> str:
     env = {**os.environ, "MCPT_PYTHON": sys.executable, "MCPT_REPO": str(REPO),
-           "MCPT_STUDY_DIR": str(study_dir), "SBATCH_PARTITION": "debug"}  # the overrides users set
+           "MCPT_STUDY_DIR": str(study_dir), "SBATCH_PARTITION": "debug",  # the overrides users set
+           **(extra_env or {})}
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          env=env, cwd=study_dir.parent, check=True).stdout
     return out.strip().split(";")[0]
@@ -208,16 +209,14 @@ def _interrupt_mid_run(job_id: str, run_dir: Path, action: list[str], at_iterati
     raise AssertionError(f"job {job_id} never reached iteration {at_iteration}")
 
 
-def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
-    """The rendered script of a TP2 tiny cell: an uninterrupted run, then the same cell
-    requeued mid-run by `scontrol requeue` (SIGTERM) and by a signal ahead of the time limit
-    (SIGUSR1, as --signal sends it): both resume and reproduce the loss sequence exactly."""
+@pytest.fixture(scope="module")
+def tp2_reference(slurm_cluster, tiny_study) -> dict:
+    """The rendered script of the TP2 tiny cell and its uninterrupted run's losses."""
     root = tiny_study["root"]
     study = StudyConfig.load(tiny_study["path"], use_env=False)
-    scripts = render_all(study, root / "scripts")
-    script = next(p for p in scripts if p.name == "cpt_tiny-b_legal.sh")
+    scripts = {p.name: p for p in render_all(study, root / "scripts")}
+    script = scripts["cpt_tiny-b_legal.sh"]
     assert "--ntasks-per-node=2" in script.read_text()
-
     ref_dir = root / "ref"
     t0 = time.time()
     job = _wait(_sbatch(script, ref_dir))
@@ -230,7 +229,21 @@ def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
     reference = _losses(run)
     assert sorted(reference) == list(range(1, 41))
     assert any(r["kind"] == "valid" and r["prefix"] == "legal" for r in _records(run))
+    assert [r["decision"] for r in _history(run)] == ["finished"]
+    print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
+    return {"script": script, "scripts": scripts, "losses": reference}
 
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "launches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_sbatch_tp2_run_and_preemption(tp2_reference, tiny_study):
+    """The rendered script of a TP2 tiny cell: the same cell as its uninterrupted run,
+    requeued mid-run by `scontrol requeue` (SIGTERM) and by a signal ahead of the time limit
+    (SIGUSR1, as --signal sends it): both resume and reproduce the loss sequence exactly."""
+    root, script, reference = tiny_study["root"], tp2_reference["script"], tp2_reference["losses"]
     for name, action, signal_name in (("requeue", ["scontrol", "requeue"], "signal 15"),
                                       ("usr1", ["scancel", "--signal=USR1"], "signal 10")):
         study_dir = root / name
@@ -248,7 +261,80 @@ def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
         # saved at the stop step, so nothing since the signal is redone
         assert any(e["event"] == "resume" and e["iteration"] == stop_it for e in events), events
         assert _losses(run) == reference, f"{name}: resumed losses differ from the uninterrupted run"
-    print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
+
+
+def _crash_env(study_dir: Path, once: bool, **extra) -> dict:
+    """Rank 1 of the TP2 cell exits 1 after iteration 12 (before the checkpoint of 10 is
+    followed by another): every launch, or only the first (``once``)."""
+    study_dir.mkdir(parents=True)
+    env = {"MEGATRON_CPT_TEST_FAULT": "crash_rank@12", **extra}
+    if once:
+        env["MEGATRON_CPT_TEST_FAULT_ONCE"] = str(study_dir / "fault-fired")
+    return env
+
+
+def test_sbatch_crash_is_retried(tp2_reference, tiny_study, capsys, monkeypatch):
+    """A rank killed mid-run (exit 1): the script requeues the same job, which resumes from
+    the checkpoint of iteration 10 and finishes with the uninterrupted run's losses; the
+    retry and its reason are in RUN/launches.jsonl and `launch status`."""
+    study_dir = tiny_study["root"] / "crash"
+    run = study_dir / "runs" / "tiny-b" / "legal"
+    env = _crash_env(study_dir, once=True)
+    job = _wait(_sbatch(tp2_reference["script"], study_dir, env))
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    history = _history(run)
+    assert [(h["reason"], h["decision"]) for h in history] == [("crash", "retry"),
+                                                               ("done", "finished")], history
+    assert history[0]["code"] != 0 and history[0]["restart"] == 0, history
+    resume = next(r for r in _records(run) if r["kind"] == "event" and r["event"] == "resume")
+    assert resume["iteration"] == 10, resume
+    assert _losses(run) == tp2_reference["losses"], "losses after the retry differ"
+    fault_to_running = resume["time"] - (study_dir / "fault-fired").stat().st_mtime
+    print(f"crash_rank@12 -> resumed at 10 after {fault_to_running:.1f} s (losses ==)")
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    capsys.readouterr()
+    assert main(["launch", "status", "--study", str(tiny_study["path"]), "--json",
+                 "--sizes", "tiny-b", "--domains", "legal"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert (row["failures"], row["retries"], row["state"]) == (1, 1, "DONE"), row
+
+
+def _chain_afterok(after: str, study_dir: Path) -> str:
+    """A job chained afterok on ``after``, as `launch grid` chains the evaluation."""
+    return subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{after}",
+                           "--output=/dev/null", "--wrap", f"touch {study_dir}/eval-ran"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _assert_never_runs(job_id: str, marker: Path | None = None) -> None:
+    for _ in range(30):
+        job = _job(job_id)
+        if job.get("Reason") == "DependencyNeverSatisfied" or job.get("JobState") == "CANCELLED":
+            break
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], check=False)
+    assert job.get("Reason") == "DependencyNeverSatisfied" or job.get("JobState") == "CANCELLED", job
+    assert marker is None or not marker.exists()
+
+
+def test_sbatch_crash_not_retried_past_max_failures_or_when_refused(tp2_reference, tiny_study):
+    """Crashing on every launch: one retry (max_failures 1), then the job ends FAILED. A job
+    SLURM will not requeue (submitted non-requeueable): the retry is refused, the job ends
+    FAILED. In both, a job chained afterok never runs."""
+    root = tiny_study["root"]
+    cases = (("exhausted", {}, ["retry", "failed"], "max_failures 1"),
+             ("refused", {"SBATCH_NO_REQUEUE": "1"}, ["retry", "failed"], "scontrol requeue refused"))
+    for name, extra, decisions, note in cases:
+        study_dir = root / name
+        run = study_dir / "runs" / "tiny-b" / "legal"
+        job_id = _sbatch(tp2_reference["script"], study_dir, _crash_env(study_dir, False, **extra))
+        dependent = _chain_afterok(job_id, study_dir)
+        job = _wait(job_id)
+        assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", (name, job)
+        history = _history(run)
+        assert [h["decision"] for h in history] == decisions, (name, history)
+        assert note in history[-1]["note"], (name, history)
+        _assert_never_runs(dependent, study_dir / "eval-ran")
 
 
 def test_local_executor_requeues_in_place(tiny_study, capsys, monkeypatch):
