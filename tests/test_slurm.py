@@ -385,3 +385,25 @@ def test_submitit_cell_requeues_the_same_job(slurm_cluster, tiny_study, capsys, 
     assert main(["launch", "status", "--study", str(path), "--json"]) == 0
     row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-a/legal")
     assert row["state"] == "COMPLETED" and row["iteration"] == 40 and row["requeues"] == 2, row
+
+
+def test_submitit_refused_requeue_fails(slurm_cluster, tiny_study, capsys, monkeypatch):
+    """`launch grid` of a cell SLURM will not requeue (submitted non-requeueable): its stop
+    for requeue (exit 42 after 15 iterations) cannot be requeued, so the TrainCell fails
+    instead of sleeping and returning: the job ends FAILED and its afterok evaluation never runs."""
+    raw = yaml.safe_load(tiny_study["path"].read_text())
+    raw["sizes"] = {"tiny-a": {**raw["sizes"]["tiny-a"],
+                               "overrides": ["train.stop_after_iterations=15"]}}
+    path = tiny_study["root"] / "study-refused.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    study_dir = tiny_study["root"] / "grid-refused"
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")  # read by sbatch, over the script's --requeue
+    assert main(["launch", "grid", "--study", str(path), "--domains", "legal"]) == 0
+    entry = json.loads((study_dir / "launches.json").read_text())["tiny-a/legal"]
+    job = _wait(entry["train_job"])
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", job
+    history = _history(study_dir / "runs" / "tiny-a" / "legal")
+    assert [(h["code"], h["decision"]) for h in history] == [(42, "requeue"), (42, "failed")], history
+    assert history[-1]["note"] == "scontrol requeue refused", history
+    _assert_never_runs(entry["eval_job"])
