@@ -407,3 +407,37 @@ def test_submitit_refused_requeue_fails(slurm_cluster, tiny_study, capsys, monke
     assert [(h["code"], h["decision"]) for h in history] == [(42, "requeue"), (42, "failed")], history
     assert history[-1]["note"] == "scontrol requeue refused", history
     _assert_never_runs(entry["eval_job"])
+
+
+def test_local_cluster_script_acts_only_on_its_own_daemons(tmp_path):
+    """slurm/local/cluster.sh refuses to start beside a SLURM it did not start and stops only
+    the daemons in its pid files (here stand-in processes named slurmctld / slurmd)."""
+    script = REPO / "slurm" / "local" / "cluster.sh"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["SLURM_LOCAL_DIR"] = str(tmp_path / "state")
+    (tmp_path / "state").mkdir()
+
+    def run(*args, **extra):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=60)
+
+    out = run("start", SLURM_CONF=str(tmp_path / "elsewhere.conf"))
+    assert out.returncode == 1 and "refusing to start" in out.stderr, out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    daemons = {}
+    for name in ("slurmctld", "slurmd"):
+        shutil.copy(shutil.which("sleep"), tmp_path / name)
+        daemons[name] = subprocess.Popen([str(tmp_path / name), "300"])
+    try:
+        out = run("start")
+        assert out.returncode == 1 and "refusing to start" in out.stderr, out
+        # only the slurmd is "ours": stop ends it and leaves the foreign slurmctld alone
+        (tmp_path / "state" / "slurmd.pid").write_text(f"{daemons['slurmd'].pid}\n")
+        assert run("stop").returncode == 0
+        assert daemons["slurmd"].wait(timeout=20) is not None
+        assert daemons["slurmctld"].poll() is None
+        assert not (tmp_path / "state" / "slurmd.pid").exists()
+    finally:
+        for proc in daemons.values():
+            proc.kill()
+            proc.wait()
