@@ -427,67 +427,59 @@ def test_filter_refuses_classifier_for_other_labels(tmp_path, classifier):
     assert run_cli(["filter", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """Fake `sbatch` (records submissions) and `scontrol`; returns (log file, run_jobs(logs_dir))."""
-    import dill
-
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    log = tmp_path / "sbatch.log"
-    (bindir / "sbatch").write_text(
-        "#!/bin/sh\ntouch %s\nn=$(wc -l < %s)\necho \"$@\" >> %s\necho \"Submitted batch job $((n+100))\"\n"
-        % (log, log, log))
-    (bindir / "sbatch").chmod(0o755)
-    (bindir / "scontrol").write_text("#!/bin/sh\necho localhost\n")  # `scontrol show hostnames`
-    (bindir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-
-    def run_jobs(logs_dir: str) -> int:
-        """Run the pickled array tasks, then the merge job, the way SLURM would."""
-        monkeypatch.setenv("SLURM_NODELIST", "localhost")
-        monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # tasks set it from cpus_per_task; keep it test-local
-        with open(os.path.join(logs_dir, "tasks", "executor.pik"), "rb") as fh:
-            stage1 = dill.load(fh)
-        for i in range(stage1.tasks):
-            monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
-            stage1.run()
-        with open(os.path.join(logs_dir, "merge", "executor.pik"), "rb") as fh:
-            stage2 = dill.load(fh)
-        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
-        stage2.run()
-        return stage1.tasks
-
-    return log, run_jobs
+SLURM_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, fake_slurm, capsys):
-    log, run_jobs = fake_slurm
+def wait_for_slurm_jobs(folder, timeout: float = 600) -> dict[str, str]:
+    """Wait until every job of the local cluster that logs under ``folder`` (the array of
+    units, the dependent merge, datatrove's stats merge) has ended; returns job -> state."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+        jobs = {}
+        for line in out.splitlines():
+            fields = dict(t.split("=", 1) for t in line.split() if "=" in t)
+            if str(folder) in fields.get("StdOut", ""):
+                jobs[fields["JobId"]] = fields["JobState"]
+        if jobs and all(state in SLURM_FINAL for state in jobs.values()):
+            return jobs
+        assert time.time() < deadline, f"SLURM jobs under {folder} did not end in {timeout} s: {jobs}"
+        time.sleep(1)
+
+
+def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, slurm_cluster, capsys):
+    """`prep tokenize --executor slurm` on the real local cluster: an array of units plus a
+    dependent merge, byte-identical to the local executor."""
     write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _texts()[:120]])
     local, prefix = str(tmp_path / "local"), str(tmp_path / "slurm")
     assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe,
                     "--output-prefix", local]) == 0
     assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe, "--output-prefix",
-                    prefix, "--executor", "slurm", "--unit-mb", "0.02", "--workers", "2"]) == 0
+                    prefix, "--executor", "slurm", "--unit-mb", "0.02", "--workers", "2",
+                    "--slurm-partition", "debug", "--slurm-cpus", "1"]) == 0
     assert "submitted SLURM jobs" in capsys.readouterr().out
-    calls = log.read_text().splitlines()
-    assert [c for c in calls if "afterok:100" in c], calls  # the merge job waits for the array
-    assert not os.path.exists(prefix + ".bin")
-    assert run_jobs(prefix + ".slurm_logs") > 1
+    jobs = wait_for_slurm_jobs(tmp_path)
+    assert set(jobs.values()) == {"COMPLETED"}, jobs
+    assert len(jobs) > 3, jobs  # more than one unit, the merge, the stats merge
     assert sha(prefix + ".bin") == sha(local + ".bin") and sha(prefix + ".idx") == sha(local + ".idx")
     assert json.load(open(prefix + ".manifest.json"))["config"]["executor"] == "slurm"
 
 
-def test_filter_on_slurm_matches_local(tmp_path, classifier, fake_slurm):
-    log, run_jobs = fake_slurm
+def test_filter_on_slurm_matches_local(tmp_path, classifier, slurm_cluster):
+    """`prep filter` with a SLURM executor on the real local cluster, byte-identical to local."""
     clf_dir, _ = classifier
     write_jsonl(tmp_path / "exam.jsonl", [{"question": "unrelated question text", "answer": "none"}])
     local, slurm = str(tmp_path / "fl"), str(tmp_path / "fs")
     assert run_cli(["filter", "--config", _filter_config(tmp_path, clf_dir, [WEB], local)]) == 0
     cfg = _filter_config(tmp_path, clf_dir, [WEB], slurm, unit_bytes=100000,
-                         executor={"kind": "slurm", "workers": 2, "partition": "debug"})
+                         executor={"kind": "slurm", "workers": 2, "partition": "debug",
+                                   "cpus_per_task": 1})
     assert run_cli(["filter", "--config", cfg]) == 0
-    assert not os.path.exists(os.path.join(slurm, "filter_report.json"))
-    assert run_jobs(os.path.join(slurm, "logs")) > 1
+    jobs = wait_for_slurm_jobs(tmp_path)
+    assert set(jobs.values()) == {"COMPLETED"}, jobs
+    assert len(jobs) > 3, jobs
     for name in ("legal", "general", "control_medical"):
         assert sha(os.path.join(slurm, name, "data.jsonl")) == sha(os.path.join(local, name, "data.jsonl"))
+    assert os.path.exists(os.path.join(slurm, "filter_report.json"))
