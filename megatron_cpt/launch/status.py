@@ -59,6 +59,10 @@ def _state(slurm: dict, progress: dict, launched: bool) -> str:
     if slurm.get("JobState"):
         return slurm["JobState"]
     exit_status = progress["exit"]
+    if exit_status and exit_status.get("code") == rf.EXIT_NONFINITE:
+        return rf.exit_state(rf.EXIT_NONFINITE)
+    if (progress["last_launch"] or "").endswith((rf.FAILED, rf.GIVE_UP)):
+        return "FAILED"  # a crash past max_failures, a refused requeue (launches.jsonl)
     if exit_status:
         return rf.exit_state(exit_status.get("code"))
     if progress["iteration"]:
