@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -56,12 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recompute", choices=["selective", "full"], default=None)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--overlap", action="store_true", help="overlap grad reduce and param gather")
+    p.add_argument("--no-fusions", action="store_true",
+                   help="turn off gradient-accumulation, RoPE and cross-entropy fusion (else auto)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--label", default="", help="free text in the markdown row")
     return p.parse_args(argv)
+
+
+NO_FUSIONS = {"gradient_accumulation_fusion": False, "rope_fusion": False,
+              "cross_entropy_fusion": "off"}
 
 
 def main(argv=None) -> dict | None:
@@ -78,6 +85,9 @@ def main(argv=None) -> dict | None:
 
     model_cfg = ModelConfig.load(args.model)
     model_cfg.check_parallel(args.tp, args.pp)
+    from megatron_cpt.runtime import cuda_connections
+
+    cuda_connections.apply(args.tp, args.sequence_parallel)  # as the trainer: before CUDA starts
     init_distributed(args.tp, args.pp, seed=0)
     world = dist.get_world_size()
     dp = world // (args.tp * args.pp)
@@ -87,7 +97,8 @@ def main(argv=None) -> dict | None:
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     cfg = TrainConfig.from_dict({
-        "run_dir": "/nonexistent", "model": {"pretrained": "-", "attention_backend": args.attention_backend},
+        "run_dir": "/nonexistent", "model": {"pretrained": "-", "attention_backend": args.attention_backend,
+                                                **(NO_FUSIONS if args.no_fusions else {})},
         "parallel": {"tp": args.tp, "pp": args.pp, "sequence_parallel": args.sequence_parallel,
                      "overlap_grad_reduce": args.overlap, "overlap_param_gather": args.overlap},
         "precision": {"dtype": dtype_name, "fp8": args.fp8},
@@ -148,6 +159,9 @@ def main(argv=None) -> dict | None:
         "mfu": tflops / peak if peak else None,
         ("peak_memory_gib" if on_gpu else "peak_rss_gib"): mem,
         "steps": args.steps, "warmup": args.warmup, "label": args.label,
+        "fusions": {k: getattr(gpt.config, k) for k in ("gradient_accumulation_fusion",
+                    "apply_rope_fusion", "cross_entropy_loss_fusion")},
+        "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
     }
     result["markdown_row"] = (
         f"| {args.model} | {seq} | {args.tp}/{args.pp}/{dp} | {mb}x{accumulation} | {dtype_name}"

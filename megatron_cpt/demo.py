@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 from megatron_cpt.launch.study import REPO_ROOT
@@ -26,7 +25,7 @@ from megatron_cpt.run_folder import RunFolder
 
 STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
-VALID_EVERY = 8          # every 8th document (by id hash) of a corpus is held out
+VALID_EVERY = 8          # 1/8 of each corpus (by id hash, `prep split`) is held out
 BASE_ITERATIONS = 80     # brief general pretraining of the random base models
 LOCAL_SLURM_CONF = Path("/tmp/megatron-cpt-slurm/slurm.conf")
 
@@ -46,11 +45,8 @@ def cli(*args: str, quiet: bool = True) -> None:
         raise SystemExit(f"demo step failed (exit {proc.returncode}): megatron-cpt {' '.join(args)}")
 
 
-def _is_valid(doc_id: str) -> bool:
-    return zlib.crc32(doc_id.encode()) % VALID_EVERY == 0
-
-
 def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
+    from data_prep.split import split
     from data_prep.tokenize import tokenize
     from megatron_cpt.tiny import train_tokenizer
 
@@ -63,25 +59,20 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     log(f"filtered the web sample: {report['documents_in']} documents in, "
         f"{report['documents_clean']} clean, dropped {report['dropped']}")
 
+    # `prep split` by id hash: a document is in the same split in every corpus, so a page held
+    # out anywhere is trained on nowhere
     splits = out / "splits"
-    splits.mkdir(parents=True, exist_ok=True)
-    docs = {}
-    for corpus in {*corpora, *valid_names}:
-        path = out / "prep" / corpus / "data.jsonl"
-        docs[corpus] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    held_out = {d["id"] for n in valid_names for d in docs[n] if _is_valid(d["id"])}
-    files = {}
-    for corpus in corpora:  # a document held out anywhere is trained on nowhere
-        files[f"{corpus}_train"] = [d for d in docs[corpus] if d["id"] not in held_out]
-    for name in valid_names:
-        files[f"{name}_valid"] = [d for d in docs[name] if _is_valid(d["id"])]
-    for name, rows in files.items():
-        (splits / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fractions = {"train": 1 - 1 / VALID_EVERY, "valid": 1 / VALID_EVERY}
+    for corpus in sorted({*corpora, *valid_names}):
+        split([str(out / "prep" / corpus / "data.jsonl")], str(splits / corpus), fractions)
+    paths = {**{f"{c}_train": splits / c / "train.jsonl" for c in corpora},
+             **{f"{n}_valid": splits / n / "valid.jsonl" for n in valid_names}}
+    files = {n: [json.loads(line) for line in p.read_text().splitlines()] for n, p in paths.items()}
 
     tok = train_tokenizer(out / "tokenizer", vocab_size=1024,
                           texts=[d["text"] for d in files["general_train"]])
-    for name, rows in files.items():
-        tokenize([str(splits / f"{name}.jsonl")], str(tok), str(out / "data" / name), workers=1,
+    for name, path in paths.items():
+        tokenize([str(path)], str(tok), str(out / "data" / name), workers=1,
                  progress=False)
     sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
              for n in files}

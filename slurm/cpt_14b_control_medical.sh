@@ -53,6 +53,7 @@ if [ -n "${MCPT_CONTAINER_IMAGE:-}" ]; then
              --container-mounts="${MCPT_CONTAINER_MOUNTS:-$REPO}")
 fi
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # TP>1: order TP communication (docs/training.md)
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 echo "[$(date -u +%FT%TZ)] cpt_14b_control_medical: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST -> $RUN_DIR"

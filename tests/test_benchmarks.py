@@ -32,3 +32,6 @@ def test_throughput_script_on_cpu(tmp_path, backend):
     assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * fpt / 1e12)
     assert r["mfu"] is None and r["peak_rss_gib"] > 0  # no peak on CPU
     assert r["markdown_row"].startswith("| tiny-a | 128 | 1/1/1 | 2x2 | float32 |")
+    # fp32 on CPU: no fused kernel applies; TP1 leaves CUDA_DEVICE_MAX_CONNECTIONS alone
+    assert r["fusions"] == dict.fromkeys(("gradient_accumulation_fusion", "apply_rope_fusion",
+                                          "cross_entropy_loss_fusion"), False)

@@ -28,11 +28,13 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.check:
+        from megatron_cpt.training import startup_record
         from megatron_cpt.training.preflight import prepare
 
         plan = prepare(cfg, force=args.force)
         print(f"ok: {plan.budget.iterations} iterations, DP={plan.dp}, "
               f"accumulation={plan.accumulation}, config hash {plan.config_hash}")
+        print(startup_record.format_record(startup_record.build(cfg, plan.dtype)))  # this environment
         return 0
     from megatron_cpt.training.loop import train
 

@@ -50,10 +50,12 @@ class TrainCell:
 
         # setup_device() picks cuda:LOCAL_RANK itself, so keep every GPU visible
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from megatron_cpt.runtime import cuda_connections
         from megatron_cpt.training.config import TrainConfig
         from megatron_cpt.training.loop import train
 
         cfg = TrainConfig.load(self.train_config, self.overrides)
+        cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA initialises
         try:
             code, crash = train(cfg), ""
         except UsageError:

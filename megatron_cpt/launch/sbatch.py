@@ -12,6 +12,7 @@ from pathlib import Path
 
 from megatron_cpt import run_folder as rf
 from megatron_cpt.launch.study import REPO_ROOT, Cell, StudyConfig, check_resources
+from megatron_cpt.runtime.cuda_connections import shell_export
 
 
 def script_name(cell: Cell) -> str:
@@ -97,7 +98,7 @@ if [ -n "${{MCPT_CONTAINER_IMAGE:-}}" ]; then
              --container-mounts="${{MCPT_CONTAINER_MOUNTS:-$REPO}}")
 fi
 export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
-export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+{_connections_line(size.tp)}export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 export MASTER_PORT="{rf.MASTER_PORT_SHELL}"
 echo "[$(date -u +%FT%TZ)] {job}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST -> $RUN_DIR"
 
@@ -113,6 +114,12 @@ code="${{code:-$rc}}"
 
 {rf.requeue_shell(job)}
 """
+
+
+def _connections_line(tp: int) -> str:
+    """The CUDA_DEVICE_MAX_CONNECTIONS export of a TP cell (runtime/cuda_connections.py)."""
+    line = shell_export(tp)
+    return line + "\n" if line else ""
 
 
 def _rel_default(path: Path) -> str:

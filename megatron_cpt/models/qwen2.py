@@ -226,10 +226,9 @@ def transformer_config(model: ModelConfig, opts: BuildOptions):
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
         persist_layer_norm=on_gpu,
-        gradient_accumulation_fusion=False,
-        **opts.extra,
+        # off unless models/fusions.py resolved them on (passed through opts.extra)
+        **{"apply_rope_fusion": False, "gradient_accumulation_fusion": False, **opts.extra},
     )
 
 

@@ -23,6 +23,11 @@ from megatron_cpt.errors import UsageError
 class ModelSection:
     pretrained: str = ""          # converted checkpoint folder (store format) loaded on the first launch
     attention_backend: str | None = None  # te | sdpa | local (None: te with Transformer Engine, else sdpa)
+    # fused kernels (models/fusions.py): null = on where the kernel exists, true = required
+    # (refused with exit 2 where missing), false = off
+    gradient_accumulation_fusion: bool | None = None  # needs CUDA + APEX fused_weight_gradient_mlp_cuda
+    rope_fusion: bool | None = None                   # needs Transformer Engine
+    cross_entropy_fusion: str | None = None  # null (te with TE, native; bf16 runs only) | native | te | off
 
 
 @dataclass
@@ -130,6 +135,7 @@ class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
+    gc_interval: int | None = 100  # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
 
 
 @dataclass
@@ -192,6 +198,10 @@ class TrainConfig:
         d["checkpoint"] = {}
         d["train"].pop("exit_before_walltime_min")
         d["train"].pop("stop_after_iterations")
+        d["train"].pop("gc_interval")
+        for key in ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion"):
+            if d["model"][key] is None:  # auto: keeps the hash of configs written before the key
+                d["model"].pop(key)
         d["data"].pop("cache_dir")
         d["data"].pop("check_hashes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,6 +243,11 @@ class TrainConfig:
                              "choose uniform or block")
         if self.parallel.overlap_param_gather and not self.parallel.distributed_optimizer:
             raise UsageError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+        if self.model.cross_entropy_fusion not in (None, "native", "te", "off"):
+            raise UsageError(f"model.cross_entropy_fusion {self.model.cross_entropy_fusion!r} unknown; "
+                             "choose null (auto), native, te or off")
+        if self.train.gc_interval is not None and self.train.gc_interval < 0:
+            raise UsageError("train.gc_interval must be >= 0 (0: only at checkpoints/validation) or null")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
         if self.checkpoint.keep_last < 1:

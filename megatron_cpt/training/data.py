@@ -121,7 +121,7 @@ def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: 
 
     from data_prep.indexed import sha256_file
     from data_prep.manifest import write_manifest
-    from data_prep.tokenizer import TextTokenizer, token_dtype
+    from data_prep.text_tokenizer import TextTokenizer, token_dtype
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from megatron_cpt import run_folder as rf
 from megatron_cpt.run_folder import RunFolder
-from megatron_cpt.training import checkpointing, data, fault_hooks, signals
+from megatron_cpt.training import checkpointing, data, fault_hooks, signals, startup_record
 from megatron_cpt.training.config import TrainConfig
+from megatron_cpt.training.gc_policy import GCPolicy
 from megatron_cpt.training.metrics import Metrics, event
 from megatron_cpt.training.preflight import RunPlan, prepare
 
@@ -40,6 +41,14 @@ def _fp8_extra(cfg: TrainConfig, num_layers: int) -> dict:
         extra.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=p.fp8_bf16_first_layers,
                      num_layers_at_end_in_bf16=p.fp8_bf16_last_layers)
     return extra
+
+
+def _fusion_extra(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    """TransformerConfig fields for the fused kernels this machine offers (``model.*_fusion``)."""
+    from megatron_cpt.models import fusions
+
+    resolved = fusions.resolve(cfg.model, "bfloat16" if dtype == torch.bfloat16 else "float32")
+    return fusions.transformer_config_fields(resolved)
 
 
 def _memory_extra(cfg: TrainConfig) -> dict:
@@ -72,7 +81,8 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
                         # weights as tensor-parallel inside its init functions; without the marks
                         # the grad norm (and clipping) ignores TP rank > 0 shards.
                         init_weights=True,
-                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg)})
+                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg),
+                               **_fusion_extra(cfg, dtype)})
     gpt = build_gpt_model(model_cfg, opts)
     if load_weights is not None:
         load_weights(gpt)
@@ -158,13 +168,16 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def record_run(plan: RunPlan) -> RunFolder:
-    """Rank 0 records the config and the plan and removes half-written checkpoints; all wait."""
+def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
+    """Rank 0 records the config, the plan and what is active (the startup record, printed
+    once) and removes half-written checkpoints; all wait."""
     run = RunFolder(plan.cfg.run_dir)
     if dist.get_rank() == 0:
         run.write_config(plan.cfg.to_dict())
         run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
-                            "dp": plan.dp, "budget": plan.budget.to_dict()})
+                            "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup})
+        if startup is not None:
+            event(startup_record.format_record(startup))
         removed = checkpointing.clean_stale(run.path)
         if removed:
             event(f"removed uncommitted checkpoint folders {removed}")
@@ -238,6 +251,7 @@ class Launch:
         self.forward_step = _forward_step(cfg.data.seq_length)
         self.flops_per_iter = plan.budget.flops_per_token * plan.budget.tokens_per_iteration
         self.nan_loss_at = fault_hooks.planned("nan_loss")
+        self.gc_policy = GCPolicy(cfg.train.gc_interval)
 
     def _resume(self, ckpt) -> int:
         """Load the latest checkpoint (later launches); returns the iteration to start at."""
@@ -256,6 +270,7 @@ class Launch:
 
     def save(self, it: int) -> None:
         """Collective: one committed checkpoint of iteration ``it``."""
+        self.gc_policy.at_sync_point()
         b = self.cfg.batch
         meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
@@ -269,6 +284,7 @@ class Launch:
 
     def validation_loss(self, it: int) -> None:
         """Mean loss on each validation set, written as ``valid`` records (collective)."""
+        self.gc_policy.at_sync_point()
         b = self.cfg.batch
         for name, ds in zip(self.plan.valid_names, self.data.valid):
             batches = data.iterate_micro_batches(ds, 0, self.data.n_valid, self.dp_rank,
@@ -326,6 +342,7 @@ class Launch:
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.launched += 1
+        self.gc_policy.step(self.iteration)  # inside the timed step: its pause is part of it
         dt = time.perf_counter() - t0
         it, n, bud = self.iteration, self.plan.budget.iterations, self.plan.budget
         if it % self.cfg.logging.interval == 0 or it == n:
@@ -402,16 +419,21 @@ def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
 
 def train(cfg: TrainConfig, force: bool = False) -> int:
     """One launch of a run (collective). Returns the exit code (:data:`run_folder.EXIT_CODES`)."""
-    from megatron_cpt.runtime import init_distributed, shutdown
+    from megatron_cpt.runtime import cuda_connections, init_distributed, shutdown
 
+    connections = cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA
     plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
+    startup = startup_record.build(cfg, plan.dtype, connections=connections)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-    launch = Launch(plan, record_run(plan), _device())
+    launch = Launch(plan, record_run(plan, startup), _device())
     stop = signals.StopFlag(cfg.train.exit_before_walltime_min).install()
+    gc_policy = launch.gc_policy
+    gc_policy.start()
     try:
         code = run_steps(launch, stop)
         launch.finish(code)
     finally:
+        gc_policy.stop()
         stop.uninstall()
         launch.close()
     shutdown()

@@ -29,8 +29,9 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(run.tensorboard_dir))
-            except Exception:  # tensorboard not installed: jsonl only
+            except Exception as exc:  # tensorboard not installed: jsonl only, said out loud
                 self._tb = None
+                event(f"WARNING: TensorBoard off ({type(exc).__name__}: {exc}); metrics.jsonl only")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -88,6 +88,9 @@ def _precision(cfg: TrainConfig, model) -> str:
     if cfg.precision.fp8 and not transformer_engine_available():
         raise UsageError(f"precision.fp8={cfg.precision.fp8} needs Transformer Engine, which does "
                          "not import here; install the `gpu` extra or set precision.fp8=null")
+    from megatron_cpt.models import fusions
+
+    fusions.resolve(cfg.model, dtype)  # refuses a fusion asked for whose kernel is missing
     if cfg.precision.fp8 and dtype != "bfloat16":
         raise UsageError("FP8 training needs precision.dtype bfloat16 (or auto on GPU)")
     if cfg.precision.fp8_bf16_first_layers + cfg.precision.fp8_bf16_last_layers > model.num_layers:
