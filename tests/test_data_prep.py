@@ -427,59 +427,6 @@ def test_filter_refuses_classifier_for_other_labels(tmp_path, classifier):
     assert run_cli(["filter", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-SLURM_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-
-
-def wait_for_slurm_jobs(folder, timeout: float = 600) -> dict[str, str]:
-    """Wait until every job of the local cluster that logs under ``folder`` (the array of
-    units, the dependent merge, datatrove's stats merge) has ended; returns job -> state."""
-    import time
-
-    deadline = time.time() + timeout
-    while True:
-        out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
-        jobs = {}
-        for line in out.splitlines():
-            fields = dict(t.split("=", 1) for t in line.split() if "=" in t)
-            if str(folder) in fields.get("StdOut", ""):
-                jobs[fields["JobId"]] = fields["JobState"]
-        if jobs and all(state in SLURM_FINAL for state in jobs.values()):
-            return jobs
-        assert time.time() < deadline, f"SLURM jobs under {folder} did not end in {timeout} s: {jobs}"
-        time.sleep(1)
-
-
-def test_slurm_executor_submits_array_then_merge(tmp_path, bpe, slurm_cluster, capsys):
-    """`prep tokenize --executor slurm` on the real local cluster: an array of units plus a
-    dependent merge, byte-identical to the local executor."""
-    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in _texts()[:120]])
-    local, prefix = str(tmp_path / "local"), str(tmp_path / "slurm")
-    assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe,
-                    "--output-prefix", local]) == 0
-    assert run_cli(["tokenize", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", bpe, "--output-prefix",
-                    prefix, "--executor", "slurm", "--unit-mb", "0.02", "--workers", "2",
-                    "--slurm-partition", "debug", "--slurm-cpus", "1"]) == 0
-    assert "submitted SLURM jobs" in capsys.readouterr().out
-    jobs = wait_for_slurm_jobs(tmp_path)
-    assert set(jobs.values()) == {"COMPLETED"}, jobs
-    assert len(jobs) > 3, jobs  # more than one unit, the merge, the stats merge
-    assert sha(prefix + ".bin") == sha(local + ".bin") and sha(prefix + ".idx") == sha(local + ".idx")
-    assert json.load(open(prefix + ".manifest.json"))["config"]["executor"] == "slurm"
-
-
-def test_filter_on_slurm_matches_local(tmp_path, classifier, slurm_cluster):
-    """`prep filter` with a SLURM executor on the real local cluster, byte-identical to local."""
-    clf_dir, _ = classifier
-    write_jsonl(tmp_path / "exam.jsonl", [{"question": "unrelated question text", "answer": "none"}])
-    local, slurm = str(tmp_path / "fl"), str(tmp_path / "fs")
-    assert run_cli(["filter", "--config", _filter_config(tmp_path, clf_dir, [WEB], local)]) == 0
-    cfg = _filter_config(tmp_path, clf_dir, [WEB], slurm, unit_bytes=100000,
-                         executor={"kind": "slurm", "workers": 2, "partition": "debug",
-                                   "cpus_per_task": 1})
-    assert run_cli(["filter", "--config", cfg]) == 0
-    jobs = wait_for_slurm_jobs(tmp_path)
-    assert set(jobs.values()) == {"COMPLETED"}, jobs
-    assert len(jobs) > 3, jobs
-    for name in ("legal", "general", "control_medical"):
-        assert sha(os.path.join(slurm, name, "data.jsonl")) == sha(os.path.join(local, name, "data.jsonl"))
-    assert os.path.exists(os.path.join(slurm, "filter_report.json"))
+# The SLURM executor (array of units + dependent merge through real `sbatch` on the local
+# cluster, byte-identical to local) is tested in tests/test_data_prep_web.py::
+# test_dedup_filter_tokenize_on_real_slurm_equal_local; the stand-in `sbatch` tests are gone.
