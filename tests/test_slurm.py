@@ -151,11 +151,12 @@ def _instance_alive(job_id: str) -> bool:
     return any(line.split()[1:2] == [job_id] for line in out.splitlines()[1:] if line.strip())
 
 
-def _wait(job_id: str, timeout: float = 600) -> dict:
+def _wait(job_id: str, timeout: float = 1800) -> dict:
     """Wait for a job to end. A requeued job waits out SLURM's requeue delay (BeginTime,
     ~2 minutes); release it instead of sleeping through it, but only once its previous
     instance has fully ended plus 3 s: slurmd refuses ("Job credential revoked") a launch
-    whose credential is not newer, in whole seconds, than the revocation of the last one."""
+    whose credential is not newer, in whole seconds, than the revocation of the last one.
+    The timeout includes queueing behind other jobs on the one node."""
     deadline, ended = time.time() + timeout, None
     while time.time() < deadline:
         job = _job(job_id)
