@@ -211,13 +211,19 @@ def _interrupt_mid_run(job_id: str, run_dir: Path, action: list[str], at_iterati
 
 
 @pytest.fixture(scope="module")
-def tp2_reference(slurm_cluster, tiny_study) -> dict:
-    """The rendered script of the TP2 tiny cell and its uninterrupted run's losses."""
-    root = tiny_study["root"]
+def tp2_script(slurm_cluster, tiny_study) -> Path:
+    """The rendered sbatch script of the TP2 tiny cell."""
     study = StudyConfig.load(tiny_study["path"], use_env=False)
-    scripts = {p.name: p for p in render_all(study, root / "scripts")}
+    scripts = {p.name: p for p in render_all(study, tiny_study["root"] / "scripts")}
     script = scripts["cpt_tiny-b_legal.sh"]
     assert "--ntasks-per-node=2" in script.read_text()
+    return script
+
+
+@pytest.fixture(scope="module")
+def tp2_reference(tp2_script, tiny_study) -> dict:
+    """The rendered script of the TP2 tiny cell and its uninterrupted run's losses."""
+    root, script = tiny_study["root"], tp2_script
     ref_dir = root / "ref"
     t0 = time.time()
     job = _wait(_sbatch(script, ref_dir))
@@ -232,7 +238,7 @@ def tp2_reference(slurm_cluster, tiny_study) -> dict:
     assert any(r["kind"] == "valid" and r["prefix"] == "legal" for r in _records(run))
     assert [r["decision"] for r in _history(run)] == ["finished"]
     print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
-    return {"script": script, "scripts": scripts, "losses": reference}
+    return {"script": script, "losses": reference}
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -317,7 +323,7 @@ def _assert_never_runs(job_id: str, marker: Path | None = None) -> None:
     assert marker is None or not marker.exists()
 
 
-def test_sbatch_crash_not_retried_past_max_failures_or_when_refused(tp2_reference, tiny_study):
+def test_sbatch_crash_not_retried_past_max_failures_or_when_refused(tp2_script, tiny_study):
     """Crashing on every launch: one retry (max_failures 1), then the job ends FAILED. A job
     SLURM will not requeue (submitted non-requeueable): the retry is refused, the job ends
     FAILED. In both, a job chained afterok never runs."""
@@ -327,7 +333,7 @@ def test_sbatch_crash_not_retried_past_max_failures_or_when_refused(tp2_referenc
     for name, extra, decisions, note in cases:
         study_dir = root / name
         run = study_dir / "runs" / "tiny-b" / "legal"
-        job_id = _sbatch(tp2_reference["script"], study_dir, _crash_env(study_dir, False, **extra))
+        job_id = _sbatch(tp2_script, study_dir, _crash_env(study_dir, False, **extra))
         dependent = _chain_afterok(job_id, study_dir)
         job = _wait(job_id)
         assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", (name, job)
