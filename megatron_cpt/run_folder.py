@@ -13,6 +13,7 @@ Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
     eval/<iteration>.json    evaluation result of one scored point (``eval run``)
     eval/tasks/              the lm-eval task YAMLs of the run
     debug/                   sample-id logs (``logging.log_sample_ids``)
+    hang/rank_NNNNN.txt      each rank's stacks and last collective when the hang watchdog fired
     tensorboard/             TensorBoard events (``logging.tensorboard``)
     data_cache/              Megatron dataset index cache (unless ``data.cache_dir`` is set)
 
@@ -40,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 EVAL_DIR = "eval"
 DEBUG_DIR = "debug"
+HANG_DIR = "hang"
 
 
 # -- exit codes ------------------------------------------------------------------------------
@@ -51,13 +53,16 @@ class ExitCode:
     meaning: str
 
 
-EXIT_OK, EXIT_NONFINITE, EXIT_REQUEUE = 0, 3, 42
+EXIT_OK, EXIT_NONFINITE, EXIT_HANG, EXIT_REQUEUE = 0, 3, 4, 42
 EXIT_CODES = {e.code: e for e in (
     ExitCode(EXIT_OK, "done", "DONE", "budget spent, final checkpoint written"),
     ExitCode(UsageError.exit_code, "usage", "FAILED",
              "configuration / input error (one-line message), nothing started"),
     ExitCode(EXIT_NONFINITE, "nonfinite", "NONFINITE",
              "NaN/Inf loss: checkpoint of the last good step written; do not requeue"),
+    ExitCode(EXIT_HANG, "hang", "HUNG",
+             "no step or save completed within train.hang_timeout_min: every rank's stacks in "
+             "hang/; retried like a crash"),
     ExitCode(EXIT_REQUEUE, "requeue", "STOPPED",
              "stopped early (signal, walltime, stop_after_iterations), checkpoint written: "
              "requeue the same command"),
@@ -235,6 +240,13 @@ class RunFolder:
     @property
     def data_cache(self) -> Path:
         return self.path / "data_cache"
+
+    @property
+    def hang_dir(self) -> Path:
+        return self.path / HANG_DIR
+
+    def hang_report(self, rank: int) -> Path:
+        return self.hang_dir / f"rank_{rank:05d}.txt"
 
     def sample_ids_path(self, dp_rank: int) -> Path:
         return self.debug_dir / f"samples_dp{dp_rank}.jsonl"

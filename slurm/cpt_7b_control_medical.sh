@@ -80,6 +80,7 @@ record() {  # decision, note: one JSON line per launch
     0) reason="done" ;;
     2) reason="usage" ;;
     3) reason="nonfinite" ;;
+    4) reason="hang" ;;
     42) reason="requeue" ;;
     *) reason="crash" ;;
   esac

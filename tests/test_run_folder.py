@@ -24,8 +24,11 @@ def test_exit_status_and_run_info_round_trip(tmp_path):
     assert run.run_info()["config_hash"] == "abc"
     assert run.exit_status() == {"code": 42, "iteration": 3, "iterations": 5, "reason": "requeue"}
     assert not list(run.path.glob("*.tmp"))  # written through a rename
-    assert [rf.exit_state(c) for c in (0, 3, 42, 2, 1, None)] == \
-        ["DONE", "NONFINITE", "STOPPED", "FAILED", "FAILED", "FAILED"]
+    assert [rf.exit_state(c) for c in (0, 3, 4, 42, 2, 1, None)] == \
+        ["DONE", "NONFINITE", "HUNG", "STOPPED", "FAILED", "FAILED", "FAILED"]
+    run.write_exit_status(rf.EXIT_HANG, 7, 9)
+    assert run.exit_status()["reason"] == "hang"
+    assert run.hang_report(3) == run.path / "hang" / "rank_00003.txt"
     run.clear_exit_status()
     assert run.exit_status() is None
 

@@ -20,6 +20,7 @@ from conftest import REPO
 from megatron_cpt.cli import main
 from megatron_cpt.launch.sbatch import render_all
 from megatron_cpt.launch.study import StudyConfig
+from megatron_cpt.training.fault_hooks import SLOW_S
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -447,3 +448,99 @@ def test_local_cluster_script_acts_only_on_its_own_daemons(tmp_path):
         for proc in daemons.values():
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- rank health, hang watchdog
+HANG_TIMEOUT_MIN = 0.3
+
+
+@pytest.fixture(scope="module")
+def dp_cell(tiny_study):
+    """tiny-a at DP2 (one node, two ranks that work independently until the gradient
+    reduction), 20 iterations, a short hang watchdog; its rendered sbatch script."""
+    raw = yaml.safe_load(tiny_study["path"].read_text())
+    raw["budget"] = {"iterations": 20}
+    raw["general"] = False
+    raw["sizes"] = {"tiny-dp": {**raw["sizes"]["tiny-a"], "pp": 1, "overrides": [
+        f"train.hang_timeout_min={HANG_TIMEOUT_MIN}", "train.collective_timeout_min=2"]}}
+    path = tiny_study["root"] / "study-dp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    scripts = render_all(StudyConfig.load(path, use_env=False), tiny_study["root"] / "scripts-dp")
+    return {"path": path, "script": next(p for p in scripts if p.name == "cpt_tiny-dp_legal.sh")}
+
+
+def _sbatch_fault(script: Path, study_dir: Path, fault: str) -> str:
+    """Submit with a test fault (fault_hooks.py) in the job's environment."""
+    os.environ["MEGATRON_CPT_TEST_FAULT"] = fault
+    try:
+        return _sbatch(script, study_dir)
+    finally:
+        del os.environ["MEGATRON_CPT_TEST_FAULT"]
+
+
+@pytest.fixture(scope="module")
+def straggler_run(slurm_cluster, dp_cell, tiny_study):
+    """The DP2 cell through sbatch with rank 1 sleeping SLOW_S (1 s) before each step: it runs
+    through (losses of an unfaulted run: sleeping changes no arithmetic)."""
+    study_dir = tiny_study["root"] / "straggler"
+    t0 = time.time()
+    job = _wait(_sbatch_fault(dp_cell["script"], study_dir, "slow_rank@1"), timeout=1200)
+    run = study_dir / "runs" / "tiny-dp" / "legal"
+    assert job["JobState"] == "COMPLETED", (job, _records(run)[-3:])
+    print(f"DP2 sbatch run with a slowed rank: {time.time() - t0:.1f} s")
+    return {"run": run, "study_dir": study_dir, "losses": _losses(run)}
+
+
+def test_straggler_event_names_the_slowed_rank(straggler_run, dp_cell, capsys, monkeypatch):
+    """Each logged step carries the slowest / fastest rank's own step time and peak memory;
+    rank 1, slowed by the fault hook, is reported as a straggler and by `launch status`."""
+    run = straggler_run["run"]
+    trains = [r for r in _records(run) if r["kind"] == "train"]
+    assert sorted(straggler_run["losses"]) == list(range(1, 21))
+    assert all(r["peak_mem_gb"] > 0.05 and r["rank_time_max_s"] >= r["rank_time_min_s"]
+               for r in trains), trains[-1]
+    slowest = [r["slowest_rank"] for r in trains]
+    assert slowest.count(1) >= 15, slowest
+    assert all(r["rank_time_max_s"] >= SLOW_S for r in trains), trains  # rank 1's sleep
+    stragglers = [r for r in _records(run) if r.get("event") == "straggler"]
+    assert stragglers and {e["rank"] for e in stragglers} == {1}, stragglers
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(straggler_run["study_dir"]))
+    capsys.readouterr()
+    assert main(["launch", "status", "--study", str(dp_cell["path"])]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("tiny-dp/legal"))
+    assert "slow r1 " in row and "fast r0 " in row and "stragglers" in row and "(r1)" in row, row
+
+
+def test_hang_watchdog_reports_every_rank_and_the_cell_resumes(straggler_run, dp_cell,
+                                                                tiny_study):
+    """The last rank stops before iteration 13 (as a rank stuck in a dead collective): within
+    train.hang_timeout_min every rank writes its stacks and last collective to RUN/hang/, the
+    job ends with exit 4 (hang), is requeued as the same job id, resumes from the checkpoint
+    of iteration 10 and finishes with the losses of the run that never hung."""
+    study_dir = tiny_study["root"] / "hang"
+    run = study_dir / "runs" / "tiny-dp" / "legal"
+    job_id = _sbatch_fault(dp_cell["script"], study_dir, "hang@13")
+    job = _wait(job_id, timeout=1200)
+    if job["JobState"] == "FAILED":  # no automatic crash retry in this script: requeue as it would
+        assert job["ExitCode"] == "4:0", job
+        assert json.loads((run / "exit_status.json").read_text())["reason"] == "hang"
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        job = _wait(job_id, timeout=1200)
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job
+    reports = sorted((run / "hang").glob("rank_*.txt"))
+    assert [p.name for p in reports] == ["rank_00000.txt", "rank_00001.txt"]
+    texts = [p.read_text() for p in reports]
+    assert all("after iteration 12" in t and "last collective entered: #" in t
+               and "Thread 0x" in t for t in texts), texts
+    assert "in hang_forever" in texts[1] and "in forward_backward" in texts[1]  # the hung rank
+    assert "gradient reduction" in texts[0] and "in finalize_model_grads" in texts[0]  # its peer
+    records = _records(run)
+    hung_at = min(r["time"] for r in records if r["kind"] == "train" and r["iteration"] == 12)
+    fired = min(p.stat().st_mtime for p in reports)
+    resumed = next(r for r in records if r.get("event") == "resume")
+    assert resumed["iteration"] == 10, resumed
+    assert HANG_TIMEOUT_MIN * 60 - 1 <= fired - hung_at <= HANG_TIMEOUT_MIN * 60 + 10, fired - hung_at
+    assert _losses(run) == straggler_run["losses"], "losses after the hang differ"
+    print(f"hang: watchdog fired {fired - hung_at:.1f} s after the last step; running again "
+          f"(resume event) {resumed['time'] - hung_at:.1f} s after it")

@@ -121,8 +121,10 @@ def test_30_steps_loss_decreases_and_step0_matches_transformers(single, toy):
     # metrics, validation, checkpoints and retention
     rec = records(single)[-1]
     for key in ("iteration", "tokens", "flops", "loss", "lr", "grad_norm", "step_time_s",
-                "tokens_per_s", "tflops_per_gpu", "mfu"):
+                "tokens_per_s", "tflops_per_gpu", "mfu", "rank_time_max_s", "slowest_rank",
+                "rank_time_min_s", "fastest_rank", "peak_mem_gb", "peak_mem_rank"):
         assert key in rec
+    assert rec["slowest_rank"] == rec["fastest_rank"] == 0 and rec["peak_mem_gb"] > 0.05
     assert rec["tokens"] == 30 * 8 * 64
     assert {r["prefix"] for r in records(single, "valid")} == {"legal", "general"}
     ck = single / "checkpoints"

@@ -124,6 +124,12 @@ CASES = {
     "batch": (dict(extra=["batch.micro_batch_size=3"]), "global_batch_size 8 != micro_batch_size 3"),
     "budget": (dict(extra=["budget.iterations=null", "budget.tokens=100"]), "buys 0 iterations"),
     "fp8": (dict(extra=["precision.fp8=hybrid", "precision.dtype=bfloat16"]), "Transformer Engine"),
+    "hang_above_collective": (dict(extra=["train.hang_timeout_min=20"]),
+                              "train.hang_timeout_min (20) must be below train.collective_timeout_min"),
+    "collective_timeout": (dict(extra=["train.collective_timeout_min=0"]),
+                           "train.collective_timeout_min must be > 0"),
+    "straggler_factor": (dict(extra=["logging.straggler_factor=1"]),
+                         "logging.straggler_factor must be > 1"),
 }
 
 

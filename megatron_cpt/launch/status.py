@@ -41,18 +41,42 @@ def run_progress(run_dir: Path) -> dict:
     return {"iteration": last["iteration"] if last else 0, "iterations": budget,
             "tokens": last["tokens"] if last else 0.0, "loss": last["loss"] if last else None,
             "checkpoint": run.latest_name(), "resumes": resumes, "exit": run.exit_status(),
-            "evals": len(run.eval_results()), **launch_history(run)}
+            "evals": len(run.eval_results()), "health": rank_health(records, last),
+            **launch_history(run)}
 
 
 def launch_history(run: rf.RunFolder) -> dict:
-    """Crashes (launches that ended other than 0/2/3/42), how many were retried, and the last
+    """Crashes and hangs (launches that ended other than 0/2/3/42), how many were retried, the last
     launch's outcome, from ``RUN/launches.jsonl``."""
     history = run.launches()
     last = history[-1] if history else {}
-    return {"failures": sum(r.get("reason") == "crash" for r in history),
+    calm = (rf.EXIT_OK, rf.EXIT_REQUEUE, *rf.NEVER_RETRIED)  # a crash or hang is anything else
+    return {"failures": sum(r.get("code") not in calm for r in history),
             "retries": sum(r.get("decision") == rf.RETRY for r in history),
             "last_launch": (f"{last['reason']}->{last['decision']}" if last else None),
             "last_note": last.get("note") or None}
+
+
+def rank_health(records: list[dict], last: dict | None) -> dict:
+    """The latest per-rank figures (training/health.py) and the straggler events."""
+    keys = ("slowest_rank", "rank_time_max_s", "fastest_rank", "rank_time_min_s", "peak_mem_gb")
+    out = {k: (last or {}).get(k) for k in keys}
+    stragglers = [r for r in records if r.get("event") == "straggler"]
+    out["stragglers"] = len(stragglers)
+    out["last_straggler"] = stragglers[-1].get("rank") if stragglers else None
+    return out
+
+
+def format_health(h: dict) -> str:
+    """``slow r1 540ms fast r0 37ms mem 0.40G stragglers 2 (r1)``; ``-`` before any figure."""
+    if h.get("rank_time_max_s") is None:
+        return "-"
+    text = (f"slow r{h['slowest_rank']} {h['rank_time_max_s'] * 1000:.0f}ms "
+            f"fast r{h['fastest_rank']} {h['rank_time_min_s'] * 1000:.0f}ms "
+            f"mem {h['peak_mem_gb']:.2f}G")
+    if h.get("stragglers"):
+        text += f" stragglers {h['stragglers']} (r{h['last_straggler']})"
+    return text
 
 
 def _state(slurm: dict, progress: dict, launched: bool) -> str:
@@ -88,7 +112,7 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
                      "loss": progress["loss"], "requeues": requeues,
                      "failures": progress["failures"], "retries": progress["retries"],
                      "last_launch": progress["last_launch"], "last_note": progress["last_note"],
-                     "eval_job": entry.get("eval_job"),
+                     "eval_job": entry.get("eval_job"), "health": progress["health"],
                      "eval_state": eval_slurm.get("JobState") or (
                          f"{progress['evals']} scored" if progress["evals"] else "-")})
     return rows
@@ -96,7 +120,7 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'cell':<24} {'job':>10} {'state':<12} {'iter':>11} {'tokens':>10} "
-            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8} {'crash/retry':>11}  eval")
+            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8} {'crash/retry':>11}  {'eval':<12} health")
     lines = [head]
     for r in rows:
         it = f"{r['iteration']}/{r['iterations'] or '?'}"
@@ -104,6 +128,6 @@ def format_rows(rows: list[dict]) -> str:
         crashes = f"{r['failures']}/{r['retries']}"
         lines.append(f"{r['cell']:<24} {str(r['job'] or '-'):>10} {r['state']:<12} {it:>11} "
                      f"{r['tokens']:>10.3e} {str(r['checkpoint'] or '-'):<16} {loss:>8} "
-                     f"{r['requeues']:>8} {crashes:>11}  "
-                     f"{r['eval_state']}")
+                     f"{r['requeues']:>8} {crashes:>11}  {r['eval_state']:<12} "
+                     f"{format_health(r['health'])}")
     return "\n".join(lines)

@@ -61,9 +61,11 @@ def read_dist_env() -> DistEnv:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
-                     timeout_min: int = 30) -> DistEnv:
+                     timeout_min: float = 15.0) -> DistEnv:
     """Initialize torch.distributed (NCCL on GPU, gloo on CPU), Megatron's model-parallel
-    groups for ``tp`` x ``pp`` (DP is what remains) and all RNGs from ``seed``."""
+    groups for ``tp`` x ``pp`` (DP is what remains) and all RNGs from ``seed``. A collective
+    that waits ``timeout_min`` raises (training: ``train.collective_timeout_min``; torch's
+    default, 30 minutes on NCCL, leaves a hung job idle for half an hour)."""
     from megatron.core import parallel_state
 
     denv = read_dist_env()

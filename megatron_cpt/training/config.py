@@ -128,6 +128,8 @@ class LoggingSection:
     tensorboard: bool = True
     mfu_peak_tflops: float = 989.0    # per-GPU dense bf16 peak used for MFU (H100 SXM)
     log_sample_ids: bool = False      # write samples.jsonl (which samples each step consumed)
+    straggler_factor: float = 1.5     # a rank this many times slower than the median rank...
+    straggler_intervals: int = 3      # ...at this many logged steps in a row: a straggler event
 
 
 @dataclass
@@ -135,6 +137,11 @@ class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
     stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
+    # hang watchdog: no step or save completed for this long -> stacks in RUN/hang/, exit 4 (0: off)
+    hang_timeout_min: float = 10.0
+    # torch.distributed timeout of every collective: above the longest checkpoint save and
+    # above hang_timeout_min (so the watchdog reports a hang before a collective times out)
+    collective_timeout_min: float = 15.0
     gc_interval: int | None = 100  # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
 
 
@@ -198,6 +205,8 @@ class TrainConfig:
         d["checkpoint"] = {}
         d["train"].pop("exit_before_walltime_min")
         d["train"].pop("stop_after_iterations")
+        d["train"].pop("hang_timeout_min")
+        d["train"].pop("collective_timeout_min")
         d["train"].pop("gc_interval")
         for key in ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion"):
             if d["model"][key] is None:  # auto: keeps the hash of configs written before the key
@@ -250,11 +259,26 @@ class TrainConfig:
             raise UsageError("train.gc_interval must be >= 0 (0: only at checkpoints/validation) or null")
         if self.logging.interval < 1:
             raise UsageError("logging.interval must be >= 1")
+        self._check_health()
         if self.checkpoint.keep_last < 1:
             raise UsageError("checkpoint.keep_last must be >= 1")
         names = [p.name or Path(p.prefix).name for p in self.data.valid]
         if len(set(names)) != len(names):
             raise UsageError(f"data.valid names must be unique (got {names}); set name: per prefix")
+
+    def _check_health(self) -> None:
+        t, lg = self.train, self.logging
+        if t.collective_timeout_min <= 0:
+            raise UsageError("train.collective_timeout_min must be > 0 (minutes a collective may wait)")
+        if t.hang_timeout_min < 0:
+            raise UsageError("train.hang_timeout_min must be >= 0 (0 turns the watchdog off)")
+        if t.hang_timeout_min and t.hang_timeout_min >= t.collective_timeout_min:
+            raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min:g}) must be below "
+                             f"train.collective_timeout_min ({t.collective_timeout_min:g}), or a "
+                             "hung collective times out before the watchdog reports it")
+        if lg.straggler_factor <= 1 or lg.straggler_intervals < 1:
+            raise UsageError("logging.straggler_factor must be > 1 and "
+                             "logging.straggler_intervals >= 1")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

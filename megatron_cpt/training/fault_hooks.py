@@ -5,7 +5,10 @@ Points:
     checkpoint N and committing its folder (checkpointing.py);
   * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
   * ``crash_rank@N``: the last rank exits :data:`CRASH_EXIT` right after iteration N, before
-    any checkpoint of N (loop.py), as a rank killed by a GPU or node fault would.
+    any checkpoint of N (loop.py), as a rank killed by a GPU or node fault would;
+  * ``hang@N``: the last rank stops (sleeps) before iteration N, once per run folder: only
+    while ``RUN/hang/`` does not exist yet, so the retried launch runs through (loop.py);
+  * ``slow_rank@R``: global rank R sleeps :data:`SLOW_S` before each step (a straggler).
 ``MEGATRON_CPT_TEST_FAULT_ONCE=FILE`` makes the fault fire once: not while FILE exists, and
 FILE is created when it fires (a requeued job keeps its environment).
 The loop reads its fault once per launch; each step costs one integer comparison.
@@ -13,11 +16,13 @@ The loop reads its fault once per launch; each step costs one integer comparison
 from __future__ import annotations
 
 import os
+import time
 
 FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
 ONCE_ENV = "MEGATRON_CPT_TEST_FAULT_ONCE"
 FAULT_EXIT = 17
 CRASH_EXIT = 1
+SLOW_S = 1.0
 
 
 def planned(point: str) -> int | None:
@@ -50,3 +55,10 @@ def crash_rank_if_planned(iteration: int, rank: int, world_size: int) -> None:
               f"{iteration}", flush=True)
         _fired()
         os._exit(CRASH_EXIT)
+
+
+def hang_forever(point: str) -> None:
+    """Block as a rank stuck in a dead collective would (until the watchdog ends the process)."""
+    print(f"[test fault] {point}: this rank stops making progress", flush=True)
+    while True:
+        time.sleep(3600)

@@ -24,10 +24,12 @@ import torch.distributed as dist
 from megatron_cpt import run_folder as rf
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import checkpointing, data, fault_hooks, signals, startup_record
+from megatron_cpt.training.health import RankHealth
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.gc_policy import GCPolicy
 from megatron_cpt.training.metrics import Metrics, event
 from megatron_cpt.training.preflight import RunPlan, prepare
+from megatron_cpt.training.watchdog import Watchdog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -252,6 +254,25 @@ class Launch:
         self.flops_per_iter = plan.budget.flops_per_token * plan.budget.tokens_per_iteration
         self.nan_loss_at = fault_hooks.planned("nan_loss")
         self.gc_policy = GCPolicy(cfg.train.gc_interval)
+        self._init_health(device)
+
+    def _init_health(self, device: torch.device) -> None:
+        """Per-rank step figures, the hang watchdog (armed by :func:`train`) and their
+        test faults."""
+        lg, world = self.cfg.logging, dist.get_world_size()
+        self.health = RankHealth(lg.straggler_factor, lg.straggler_intervals, device)
+        self.watchdog = Watchdog(self.run, self.rank, self.cfg.train.hang_timeout_min,
+                                 self.plan.budget.iterations)
+        finalize = self.gpt.config.finalize_model_grads_func
+
+        def finalize_timed(*args, **kwargs):
+            self.health.work_done()
+            self.watchdog.phase("gradient reduction (finalize_model_grads)")
+            return finalize(*args, **kwargs)
+        self.gpt.config.finalize_model_grads_func = finalize_timed
+        hang_at = fault_hooks.planned("hang")
+        self.hang_at = hang_at if self.rank == world - 1 and not self.run.hang_dir.exists() else None
+        self.slow = self.rank == fault_hooks.planned("slow_rank")
 
     def _resume(self, ckpt) -> int:
         """Load the latest checkpoint (later launches); returns the iteration to start at."""
@@ -272,6 +293,7 @@ class Launch:
         """Collective: one committed checkpoint of iteration ``it``."""
         self.gc_policy.at_sync_point()
         b = self.cfg.batch
+        self.watchdog.phase(f"checkpoint save of iteration {it}")
         meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
                 "source": {"type": "pretrained", "path": self.cfg.model.pretrained}}
@@ -279,6 +301,7 @@ class Launch:
                                   Path(self.cfg.model.pretrained), self.cfg.checkpoint.keep_last,
                                   self.plan.keep_iterations)
         self.saved_at = it
+        self.watchdog.beat(it)
         self.metrics.write({"kind": "event", "iteration": it, "event": "checkpoint",
                             "details": path.name})
 
@@ -286,6 +309,7 @@ class Launch:
         """Mean loss on each validation set, written as ``valid`` records (collective)."""
         self.gc_policy.at_sync_point()
         b = self.cfg.batch
+        self.watchdog.phase(f"validation loss of iteration {it}")
         for name, ds in zip(self.plan.valid_names, self.data.valid):
             batches = data.iterate_micro_batches(ds, 0, self.data.n_valid, self.dp_rank,
                                                  self.plan.dp, b.micro_batch_size)
@@ -299,10 +323,17 @@ class Launch:
             dist.all_reduce(v)
             self.metrics.write({"kind": "valid", "iteration": it, **self._progress(it),
                                 "prefix": name, "loss": float(v[0] / v[1])})
+        self.watchdog.beat(it)
 
     def forward_backward(self, stop: signals.StopFlag) -> tuple[float, bool]:
         """Gradients of the next iteration; returns the loss and whether any rank wants to stop."""
         it, b = self.iteration, self.cfg.batch
+        self.health.start_step()
+        self.watchdog.phase(f"forward/backward of iteration {it + 1}")
+        if it + 1 == self.hang_at:  # tests only (fault_hooks)
+            fault_hooks.hang_forever(f"hang@{self.hang_at}")
+        if self.slow:
+            time.sleep(fault_hooks.SLOW_S)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro = data.micro_batch_indices(it, b.global_batch_size, self.dp_rank, self.plan.dp,
@@ -338,6 +369,7 @@ class Launch:
     def optimizer_step(self, loss: float, t0: float) -> None:
         """Apply the gradients, advance the schedule and log the iteration."""
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.watchdog.phase(f"optimizer step of iteration {self.iteration + 1}")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.iteration += 1
@@ -345,14 +377,25 @@ class Launch:
         self.gc_policy.step(self.iteration)  # inside the timed step: its pause is part of it
         dt = time.perf_counter() - t0
         it, n, bud = self.iteration, self.plan.budget.iterations, self.plan.budget
+        self.watchdog.beat(it)
         if it % self.cfg.logging.interval == 0 or it == n:
             tflops = self.flops_per_iter / dt / dist.get_world_size() / 1e12
+            health, stragglers = self.health.gather(dt)  # collective
             rec = {"kind": "train", "iteration": it, **self._progress(it), "loss": loss, "lr": lr,
                    "grad_norm": None if grad_norm is None else float(grad_norm),
                    "step_time_s": dt, "tokens_per_s": bud.tokens_per_iteration / dt,
-                   "tflops_per_gpu": tflops, "mfu": tflops / self.cfg.logging.mfu_peak_tflops}
+                   "tflops_per_gpu": tflops, "mfu": tflops / self.cfg.logging.mfu_peak_tflops,
+                   **health}
             self.metrics.write(rec)
             self.metrics.progress(rec, n)
+            self.report_stragglers(it, stragglers)
+
+    def report_stragglers(self, it: int, stragglers: list[tuple[int, str]]) -> None:
+        for rank, details in stragglers:
+            self.metrics.write({"kind": "event", "iteration": it, "event": "straggler",
+                                "rank": rank, "details": details})
+            if self.rank == 0:
+                event(f"straggler: {details}")
 
     def _validation_due(self, it: int) -> bool:
         v = self.cfg.validation
@@ -424,15 +467,18 @@ def train(cfg: TrainConfig, force: bool = False) -> int:
     connections = cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA
     plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
     startup = startup_record.build(cfg, plan.dtype, connections=connections)
-    init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
+                     timeout_min=cfg.train.collective_timeout_min)
     launch = Launch(plan, record_run(plan, startup), _device())
     stop = signals.StopFlag(cfg.train.exit_before_walltime_min).install()
     gc_policy = launch.gc_policy
     gc_policy.start()
+    launch.watchdog.start()
     try:
         code = run_steps(launch, stop)
         launch.finish(code)
     finally:
+        launch.watchdog.stop()
         gc_policy.stop()
         stop.uninstall()
         launch.close()
