@@ -8,6 +8,8 @@ Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
     exit_status.json         the trainer's verdict: {code, iteration, iterations, reason};
                              code null / reason "running" from launch start to the verdict
     lease.json               the one writer: host, job, pid, heartbeat (training/lease.py)
+    launches.jsonl           one line per launch that ended: job, restart, code, reason,
+                             decision (finished/requeue/retry/failed/give_up), note (launchers)
     checkpoints/iter_N/      committed checkpoints (written by training/checkpointing.py)
     checkpoints/latest       name of the checkpoint resume trusts
     eval/<iteration>.json    evaluation result of one scored point (``eval run``)
@@ -77,36 +79,87 @@ def exit_state(code: int | None) -> str:
 
 
 # -- the requeue decision --------------------------------------------------------------------
-REQUEUE, FINISHED, FAILED, GIVE_UP = "requeue", "finished", "failed", "give_up"
+REQUEUE, RETRY, FINISHED, FAILED, GIVE_UP = "requeue", "retry", "finished", "failed", "give_up"
+NEVER_RETRIED = (UsageError.exit_code, EXIT_NONFINITE)  # the same input fails the same way again
+LAUNCHES = "launches.jsonl"
 
 
-def requeue_decision(code: int, restarts: int, max_requeues: int) -> str:
-    """What a launcher does with the trainer's exit ``code`` after ``restarts`` requeues:
-    requeue the same job (42 with requeues left), finished (0), give_up (42 too often: the
-    cell is broken, not unlucky) or failed (anything else). Used by TrainCell and the local
-    executor; :func:`requeue_shell` renders the same rule for the sbatch scripts."""
+def requeue_decision(code: int, restarts: int, max_requeues: int, failures: int = 0,
+                     max_failures: int = 0) -> str:
+    """What a launcher does with the trainer's exit ``code``: finished (0); requeue the same job
+    (42, while ``restarts < max_requeues``); retry it after a crash (any other code but 2 and 3:
+    a killed rank, a collective error, a lost node; while ``failures < max_failures``, counting
+    earlier crashes of this job); give_up (42 too often: the cell is broken, not unlucky);
+    failed (bad input, non-finite loss, crashes past ``max_failures``). Used by TrainCell and
+    the local executor; :func:`requeue_shell` renders the same rule for the sbatch scripts."""
     if code == EXIT_OK:
         return FINISHED
-    if code != EXIT_REQUEUE:
+    if code in NEVER_RETRIED:
         return FAILED
-    return REQUEUE if restarts < max_requeues else GIVE_UP
+    if code == EXIT_REQUEUE:
+        return REQUEUE if restarts < max_requeues else GIVE_UP
+    return RETRY if failures < max_failures else FAILED
+
+
+def launch_record(job: str, restart: int, code: int, decision: str, note: str = "") -> dict:
+    """One line of ``RUN/launches.jsonl``: how one launch of the run ended and what followed."""
+    import time
+
+    entry = EXIT_CODES.get(code)
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": str(job),
+            "restart": restart, "code": code, "reason": entry.reason if entry else "crash",
+            "decision": decision, "note": note}
 
 
 def requeue_shell(job: str) -> str:
     """:func:`requeue_decision` in bash for the sbatch template. Reads ``$code`` (the trainer's
-    verdict), ``$SLURM_RESTART_COUNT`` and ``$MAX_REQUEUES``; requeues the job or exits."""
+    verdict), ``$SLURM_RESTART_COUNT``, ``$MAX_REQUEUES`` and ``$MAX_FAILURES``; appends the
+    outcome to ``$RUN_DIR/launches.jsonl``, then requeues the job or exits with a code that
+    SLURM records as failed unless the run is done (so ``afterok`` fires only then)."""
+    never = "|".join(str(c) for c in NEVER_RETRIED)
     return "\n".join([
-        f'if [ "$code" -eq {EXIT_REQUEUE} ]; then',
-        '  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then',
-        f'    echo "{job}: stopped early again after $MAX_REQUEUES requeues; not requeueing '
+        f'HISTORY="$RUN_DIR/{LAUNCHES}"',
+        "record() {  # decision, note: one JSON line per launch",
+        '  local reason; case "$code" in',
+        *[f'    {c}) reason="{e.reason}" ;;' for c, e in EXIT_CODES.items()],
+        '    *) reason="crash" ;;',
+        "  esac",
+        '  mkdir -p "$RUN_DIR"',
+        "  printf '{\"time\": \"%s\", \"job\": \"%s\", \"restart\": %s, \"code\": %s, "
+        "\"reason\": \"%s\", \"decision\": \"%s\", \"note\": \"%s\"}\\n' "
+        '"$(date -u +%FT%TZ)" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" "$code" "$reason" '
+        '"$1" "$2" >> "$HISTORY"',
+        "}",
+        r'''failures="$(grep -F "\"job\": \"$SLURM_JOB_ID\"" "$HISTORY" 2>/dev/null '''
+        r'''| grep -c '"decision": "retry"')"''',
+        'failures="${failures:-0}"',
+        'case "$code" in',
+        f'  {EXIT_OK}) record {FINISHED} ""; exit 0 ;;',
+        f'  {never}) record {FAILED} "not retried"; exit "$code" ;;',
+        f'  {EXIT_REQUEUE})',
+        '    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then',
+        f'      record {GIVE_UP} "stopped early again after $MAX_REQUEUES requeues"',
+        f'      echo "{job}: stopped early again after $MAX_REQUEUES requeues; not requeueing '
         f'(see $RUN_DIR/{METRICS})" >&2',
-        "    exit 1",
-        "  fi",
-        f'  echo "[$(date -u +%FT%TZ)] {job}: checkpoint saved, requeueing job $SLURM_JOB_ID"',
-        '  scontrol requeue "$SLURM_JOB_ID"',
-        "  exit 0",
+        "      exit 1",
+        "    fi",
+        f'    decision={REQUEUE} ;;',
+        '  *)',
+        '    if [ "$failures" -ge "$MAX_FAILURES" ]; then',
+        f'      record {FAILED} "crash after $failures retries (max_failures $MAX_FAILURES)"',
+        f'      echo "{job}: exit $code after $failures retries; max_failures reached" >&2',
+        '      exit "$code"',
+        "    fi",
+        f'    decision={RETRY} ;;',
+        "esac",
+        f'echo "[$(date -u +%FT%TZ)] {job}: exit $code ($decision), requeueing job $SLURM_JOB_ID"',
+        'record "$decision" ""  # first: a granted requeue ends this script',
+        'if ! scontrol requeue "$SLURM_JOB_ID"; then',
+        f'  record {FAILED} "scontrol requeue refused"',
+        f'  echo "{job}: SLURM refused to requeue job $SLURM_JOB_ID; not done" >&2',
+        "  exit 1",
         "fi",
-        'exit "$code"',
+        "exit 0",
     ])
 
 
@@ -287,6 +340,32 @@ class RunFolder:
         if not self.latest_pointer.is_file():
             return None
         return self.latest_pointer.read_text().strip() or None
+
+    # launches.jsonl (appended by launchers: sbatch scripts, TrainCell, the local executor)
+    @property
+    def launches_path(self) -> Path:
+        return self.path / LAUNCHES
+
+    def record_launch(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.launches_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def launches(self) -> list[dict]:
+        """Every launch record (a line cut by a kill is skipped)."""
+        if not self.launches_path.is_file():
+            return []
+        out = []
+        for line in self.launches_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def failures(self, job: str) -> int:
+        """Crashes of SLURM job ``job`` that were retried (counted against max_failures)."""
+        return sum(r.get("job") == str(job) and r.get("decision") == RETRY for r in self.launches())
 
     # eval/
     def eval_results(self) -> dict[int, Path]:

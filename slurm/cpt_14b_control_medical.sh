@@ -7,7 +7,9 @@
 # Submit from the repository root:   sbatch slurm/cpt_14b_control_medical.sh
 # Resumes by itself: the trainer saves and exits 42 on SIGUSR1 (600 s before the time
 # limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
-# the same job, which continues from the latest checkpoint in the same run folder.
+# the same job, which continues from the latest checkpoint in the same run folder. A crash (any
+# exit but 0, 2 bad input, 3 non-finite loss, 42) is retried the same way up to MAX_FAILURES times;
+# every launch's outcome is appended to $RUN_DIR/launches.jsonl. A requeue SLURM refuses exits 1.
 #
 # Overrides (environment variables at `sbatch` time; they are exported to the job):
 #   SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS   partition, account, QOS (read by sbatch itself)
@@ -43,6 +45,7 @@ DATA_ROOT="${MCPT_DATA_ROOT:-$REPO/data/tokenized}"
 CKPT_ROOT="${MCPT_CKPT_ROOT:-$REPO/checkpoints}"
 RUN_DIR="$STUDY_DIR/runs/14b/control_medical"
 MAX_REQUEUES=20
+MAX_FAILURES=3
 
 CONTAINER=()
 if [ -n "${MCPT_CONTAINER_IMAGE:-}" ]; then
@@ -71,13 +74,44 @@ rc=$?
 code="$(sed -n 's/.*"code": *\([0-9]*\).*/\1/p' "$RUN_DIR/exit_status.json" 2>/dev/null)"
 code="${code:-$rc}"
 
-if [ "$code" -eq 42 ]; then
-  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
-    echo "cpt_14b_control_medical: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
-    exit 1
-  fi
-  echo "[$(date -u +%FT%TZ)] cpt_14b_control_medical: checkpoint saved, requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+HISTORY="$RUN_DIR/launches.jsonl"
+record() {  # decision, note: one JSON line per launch
+  local reason; case "$code" in
+    0) reason="done" ;;
+    2) reason="usage" ;;
+    3) reason="nonfinite" ;;
+    4) reason="hang" ;;
+    42) reason="requeue" ;;
+    *) reason="crash" ;;
+  esac
+  mkdir -p "$RUN_DIR"
+  printf '{"time": "%s", "job": "%s", "restart": %s, "code": %s, "reason": "%s", "decision": "%s", "note": "%s"}\n' "$(date -u +%FT%TZ)" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" "$code" "$reason" "$1" "$2" >> "$HISTORY"
+}
+failures="$(grep -F "\"job\": \"$SLURM_JOB_ID\"" "$HISTORY" 2>/dev/null | grep -c '"decision": "retry"')"
+failures="${failures:-0}"
+case "$code" in
+  0) record finished ""; exit 0 ;;
+  2|3) record failed "not retried"; exit "$code" ;;
+  42)
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+      record give_up "stopped early again after $MAX_REQUEUES requeues"
+      echo "cpt_14b_control_medical: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
+      exit 1
+    fi
+    decision=requeue ;;
+  *)
+    if [ "$failures" -ge "$MAX_FAILURES" ]; then
+      record failed "crash after $failures retries (max_failures $MAX_FAILURES)"
+      echo "cpt_14b_control_medical: exit $code after $failures retries; max_failures reached" >&2
+      exit "$code"
+    fi
+    decision=retry ;;
+esac
+echo "[$(date -u +%FT%TZ)] cpt_14b_control_medical: exit $code ($decision), requeueing job $SLURM_JOB_ID"
+record "$decision" ""  # first: a granted requeue ends this script
+if ! scontrol requeue "$SLURM_JOB_ID"; then
+  record failed "scontrol requeue refused"
+  echo "cpt_14b_control_medical: SLURM refused to requeue job $SLURM_JOB_ID; not done" >&2
+  exit 1
 fi
-exit "$code"
+exit 0

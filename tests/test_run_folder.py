@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -70,25 +71,41 @@ def test_training_config_eval_section_is_renamed(tmp_path):
 
 
 def test_requeue_decision_and_its_sbatch_rendering_agree(tmp_path):
-    """The bash the sbatch scripts run makes the decision requeue_decision makes."""
+    """The bash the sbatch scripts run makes the decision requeue_decision makes (restarts,
+    earlier retried crashes of this job in launches.jsonl), records it, and exits 1 when
+    SLURM refuses the requeue. The real SLURM runs of this are in tests/test_slurm.py."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     record = tmp_path / "scontrol.args"
-    (bindir / "scontrol").write_text(f'#!/bin/bash\necho "$@" > {record}\n')
+    (bindir / "scontrol").write_text(f'#!/bin/bash\necho "$@" > {record}\nexit "${{REFUSE:-0}}"\n')
     (bindir / "scontrol").chmod(0o755)
-    script = "code=$1\nMAX_REQUEUES=2\nRUN_DIR=/r\n" + rf.requeue_shell("job") + "\n"
-    for code in (0, 1, 2, 3, 42):
-        for restarts in (0, 1, 2, 3):
+    run = rf.RunFolder(tmp_path / "run")
+    script = (f"code=$1\nMAX_REQUEUES=2\nMAX_FAILURES=1\nRUN_DIR={run.path}\n"
+              + rf.requeue_shell("job") + "\n")
+    other_job = rf.launch_record("76", 0, 1, rf.RETRY)  # another job's crashes do not count
+    for code in (0, 1, 2, 3, 42, 137):
+        for restarts, failures, refuse in product((0, 2, 3), (0, 1), (0, 1)):
             record.unlink(missing_ok=True)
-            env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+            run.launches_path.unlink(missing_ok=True)
+            for _ in range(failures):
+                run.record_launch(rf.launch_record("77", 0, 1, rf.RETRY))
+            run.record_launch(other_job)
+            decision = rf.requeue_decision(code, restarts, 2, run.failures("77"), 1)
+            env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "REFUSE": str(refuse),
                    "SLURM_RESTART_COUNT": str(restarts), "SLURM_JOB_ID": "77"}
             proc = subprocess.run(["bash", "-c", script, "sbatch", str(code)], env=env,
                                   capture_output=True, text=True)
-            decision = rf.requeue_decision(code, restarts, 2)
-            requeued = record.is_file() and record.read_text().split() == ["requeue", "77"]
-            assert requeued == (decision == rf.REQUEUE), (code, restarts, proc.stderr)
-            want_rc = {rf.REQUEUE: 0, rf.FINISHED: 0, rf.GIVE_UP: 1, rf.FAILED: code}[decision]
-            assert proc.returncode == want_rc, (code, restarts, decision)
+            case = (code, restarts, failures, refuse, proc.stderr)
+            asked = decision in (rf.REQUEUE, rf.RETRY)
+            assert (record.is_file() and record.read_text().split() == ["requeue", "77"]) == asked, case
+            want_rc = {rf.FINISHED: 0, rf.GIVE_UP: 1, rf.FAILED: code}.get(decision, refuse)
+            assert proc.returncode == want_rc, case
+            last = run.launches()[-1]
+            want = (rf.FAILED, "scontrol requeue refused") if asked and refuse else (decision, None)
+            assert last["decision"] == want[0] and (want[1] is None or last["note"] == want[1]), case
+            assert last["code"] == code and last["job"] == "77" and last["restart"] == restarts, case
+            assert last["reason"] == (rf.EXIT_CODES[code].reason if code in rf.EXIT_CODES
+                                      else "crash"), case
 
 
 def test_master_port_formula_is_shared(monkeypatch):

@@ -154,7 +154,7 @@ def tiny_study(tmp_path_factory, toy):
                   "tiny-b": {"model": "tiny-b", "tp": 2, "pp": 1, "nodes": 1, "tasks_per_node": 2,
                              "time": "00:15:00", "signal_s": 30}},
         "resources": {"gpus_per_node": 0, "tasks_per_node": 2, "cpus_per_task": 1, "mem": "2G",
-                      "max_requeues": 5},
+                      "max_requeues": 5, "max_failures": 1},
         "eval": {"enabled": True, "exams": exams, "num_fewshot": 0, "limit": 3, "batch_size": 8,
                  "valid_sequences": 4, "time": "00:15:00", "gpus": 0, "cpus": 1, "mem": "2G"},
     }
@@ -169,17 +169,35 @@ def _job(job_id: str) -> dict:
     return dict(t.split("=", 1) for t in out.split() if "=" in t)
 
 
-def _wait(job_id: str, timeout: float = 600) -> dict:
+def _instance_alive(job_id: str) -> bool:
+    """Whether any process of the job (its previous instance's batch script) is still on the
+    node: ``scontrol listpids`` lists them, run here on the cluster's only node."""
+    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
+    return any(line.split()[1:2] == [job_id] for line in out.splitlines()[1:] if line.strip())
+
+
+def _wait(job_id: str, timeout: float = 1800) -> dict:
     """Wait for a job to end. A requeued job waits out SLURM's requeue delay (BeginTime,
-    ~2 minutes); release it at once instead of sleeping through it."""
-    deadline = time.time() + timeout
+    ~2 minutes); release it instead of sleeping through it, but only once its previous
+    instance has fully ended plus 3 s: slurmd refuses ("Job credential revoked") a launch
+    whose credential is not newer, in whole seconds, than the revocation of the last one.
+    The timeout includes queueing behind other jobs on the one node."""
+    deadline, ended = time.time() + timeout, None
     while time.time() < deadline:
         job = _job(job_id)
         state = job.get("JobState", "")
         if state in FINAL_STATES:
             return job
         if state == "PENDING" and job.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=False)
+            if _instance_alive(job_id):
+                ended = None
+            elif ended is None:
+                ended = time.time()
+            elif time.time() - ended >= 3:
+                subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"],
+                               check=False)
+        else:
+            ended = None
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} did not finish in {timeout} s: {_job(job_id)}")
@@ -197,9 +215,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
 
 
-def _sbatch(script: Path, study_dir: Path) -> str:
+def _sbatch(script: Path, study_dir: Path, extra_env: dict | None = None) -> str:
     env = {**os.environ, "MCPT_PYTHON": sys.executable, "MCPT_REPO": str(REPO),
-           "MCPT_STUDY_DIR": str(study_dir), "SBATCH_PARTITION": "debug"}  # the overrides users set
+           "MCPT_STUDY_DIR": str(study_dir), "SBATCH_PARTITION": "debug",  # the overrides users set
+           **(extra_env or {})}
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          env=env, cwd=study_dir.parent, check=True).stdout
     return out.strip().split(";")[0]
@@ -216,16 +235,20 @@ def _interrupt_mid_run(job_id: str, run_dir: Path, action: list[str], at_iterati
     raise AssertionError(f"job {job_id} never reached iteration {at_iteration}")
 
 
-def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
-    """The rendered script of a TP2 tiny cell: an uninterrupted run, then the same cell
-    requeued mid-run by `scontrol requeue` (SIGTERM) and by a signal ahead of the time limit
-    (SIGUSR1, as --signal sends it): both resume and reproduce the loss sequence exactly."""
-    root = tiny_study["root"]
+@pytest.fixture(scope="module")
+def tp2_script(slurm_cluster, tiny_study) -> Path:
+    """The rendered sbatch script of the TP2 tiny cell."""
     study = StudyConfig.load(tiny_study["path"], use_env=False)
-    scripts = render_all(study, root / "scripts")
-    script = next(p for p in scripts if p.name == "cpt_tiny-b_legal.sh")
+    scripts = {p.name: p for p in render_all(study, tiny_study["root"] / "scripts")}
+    script = scripts["cpt_tiny-b_legal.sh"]
     assert "--ntasks-per-node=2" in script.read_text()
+    return script
 
+
+@pytest.fixture(scope="module")
+def tp2_reference(tp2_script, tiny_study) -> dict:
+    """The rendered script of the TP2 tiny cell and its uninterrupted run's losses."""
+    root, script = tiny_study["root"], tp2_script
     ref_dir = root / "ref"
     t0 = time.time()
     job = _wait(_sbatch(script, ref_dir))
@@ -238,7 +261,21 @@ def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
     reference = _losses(run)
     assert sorted(reference) == list(range(1, 41))
     assert any(r["kind"] == "valid" and r["prefix"] == "legal" for r in _records(run))
+    assert [r["decision"] for r in _history(run)] == ["finished"]
+    print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
+    return {"script": script, "losses": reference}
 
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "launches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_sbatch_tp2_run_and_preemption(tp2_reference, tiny_study):
+    """The rendered script of a TP2 tiny cell: the same cell as its uninterrupted run,
+    requeued mid-run by `scontrol requeue` (SIGTERM) and by a signal ahead of the time limit
+    (SIGUSR1, as --signal sends it): both resume and reproduce the loss sequence exactly."""
+    root, script, reference = tiny_study["root"], tp2_reference["script"], tp2_reference["losses"]
     for name, action, signal_name in (("requeue", ["scontrol", "requeue"], "signal 15"),
                                       ("usr1", ["scancel", "--signal=USR1"], "signal 10")):
         study_dir = root / name
@@ -256,7 +293,79 @@ def test_sbatch_tp2_run_and_preemption(slurm_cluster, tiny_study):
         # saved at the stop step, so nothing since the signal is redone
         assert any(e["event"] == "resume" and e["iteration"] == stop_it for e in events), events
         assert _losses(run) == reference, f"{name}: resumed losses differ from the uninterrupted run"
-    print(f"uninterrupted TP2 sbatch run: {ref_s:.1f} s")
+
+
+def _crash_env(study_dir: Path, once: bool, **extra) -> dict:
+    """Rank 1 of the TP2 cell exits 1 after iteration 12 (before the checkpoint of 10 is
+    followed by another): every launch, or only the first (``once``)."""
+    study_dir.mkdir(parents=True)
+    env = {"MEGATRON_CPT_TEST_FAULT": "crash_rank@12", **extra}
+    if once:
+        env["MEGATRON_CPT_TEST_FAULT_ONCE"] = str(study_dir / "fault-fired")
+    return env
+
+
+def test_sbatch_crash_is_retried(tp2_reference, tiny_study, capsys, monkeypatch):
+    """A rank killed mid-run (exit 1): the script requeues the same job, which resumes from
+    the checkpoint of iteration 10 and finishes with the uninterrupted run's losses; the
+    retry and its reason are in RUN/launches.jsonl and `launch status`."""
+    study_dir = tiny_study["root"] / "crash"
+    run = study_dir / "runs" / "tiny-b" / "legal"
+    env = _crash_env(study_dir, once=True)
+    job = _wait(_sbatch(tp2_reference["script"], study_dir, env))
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    history = _history(run)
+    assert [(h["reason"], h["decision"]) for h in history] == [("crash", "retry"),
+                                                               ("done", "finished")], history
+    assert history[0]["code"] != 0 and history[0]["restart"] == 0, history
+    resume = next(r for r in _records(run) if r["kind"] == "event" and r["event"] == "resume")
+    assert resume["iteration"] == 10, resume
+    assert _losses(run) == tp2_reference["losses"], "losses after the retry differ"
+    fault_to_running = resume["time"] - (study_dir / "fault-fired").stat().st_mtime
+    print(f"crash_rank@12 -> resumed at 10 after {fault_to_running:.1f} s (losses ==)")
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    capsys.readouterr()
+    assert main(["launch", "status", "--study", str(tiny_study["path"]), "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["cell"] == "tiny-b/legal")
+    assert (row["failures"], row["retries"], row["state"]) == (1, 1, "DONE"), row
+
+
+def _chain_afterok(after: str, study_dir: Path) -> str:
+    """A job chained afterok on ``after``, as `launch grid` chains the evaluation."""
+    return subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{after}",
+                           "--output=/dev/null", "--wrap", f"touch {study_dir}/eval-ran"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _assert_never_runs(job_id: str, marker: Path | None = None) -> None:
+    for _ in range(30):
+        job = _job(job_id)
+        if job.get("Reason") == "DependencyNeverSatisfied" or job.get("JobState") == "CANCELLED":
+            break
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], check=False)
+    assert job.get("Reason") == "DependencyNeverSatisfied" or job.get("JobState") == "CANCELLED", job
+    assert marker is None or not marker.exists()
+
+
+def test_sbatch_crash_not_retried_past_max_failures_or_when_refused(tp2_script, tiny_study):
+    """Crashing on every launch: one retry (max_failures 1), then the job ends FAILED. A job
+    SLURM will not requeue (submitted non-requeueable): the retry is refused, the job ends
+    FAILED. In both, a job chained afterok never runs."""
+    root = tiny_study["root"]
+    cases = (("exhausted", {}, ["retry", "failed"], "max_failures 1"),
+             ("refused", {"SBATCH_NO_REQUEUE": "1"}, ["retry", "failed"], "scontrol requeue refused"))
+    for name, extra, decisions, note in cases:
+        study_dir = root / name
+        run = study_dir / "runs" / "tiny-b" / "legal"
+        job_id = _sbatch(tp2_script, study_dir, _crash_env(study_dir, False, **extra))
+        dependent = _chain_afterok(job_id, study_dir)
+        job = _wait(job_id)
+        assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", (name, job)
+        history = _history(run)
+        assert [h["decision"] for h in history] == decisions, (name, history)
+        assert note in history[-1]["note"], (name, history)
+        _assert_never_runs(dependent, study_dir / "eval-ran")
 
 
 def test_local_executor_requeues_in_place(tiny_study, capsys, monkeypatch):
@@ -332,6 +441,62 @@ def test_grid_does_not_submit_a_cell_whose_job_state_is_unknown(slurm_cluster, t
     assert main(["launch", "status", "--study", str(tiny_study["path"])]) == 0
     row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiny-a/legal"))
     assert "UNKNOWN" in row, row
+
+
+def test_submitit_refused_requeue_fails(slurm_cluster, tiny_study, capsys, monkeypatch):
+    """`launch grid` of a cell SLURM will not requeue (submitted non-requeueable): its stop
+    for requeue (exit 42 after 15 iterations) cannot be requeued, so the TrainCell fails
+    instead of sleeping and returning: the job ends FAILED and its afterok evaluation never runs."""
+    raw = yaml.safe_load(tiny_study["path"].read_text())
+    raw["sizes"] = {"tiny-a": {**raw["sizes"]["tiny-a"],
+                               "overrides": ["train.stop_after_iterations=15"]}}
+    path = tiny_study["root"] / "study-refused.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    study_dir = tiny_study["root"] / "grid-refused"
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")  # read by sbatch, over the script's --requeue
+    assert main(["launch", "grid", "--study", str(path), "--domains", "legal"]) == 0
+    entry = json.loads((study_dir / "launches.json").read_text())["tiny-a/legal"]
+    job = _wait(entry["train_job"])
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", job
+    history = _history(study_dir / "runs" / "tiny-a" / "legal")
+    assert [(h["code"], h["decision"]) for h in history] == [(42, "requeue"), (42, "failed")], history
+    assert history[-1]["note"] == "scontrol requeue refused", history
+    _assert_never_runs(entry["eval_job"])
+
+
+def test_local_cluster_script_acts_only_on_its_own_daemons(tmp_path):
+    """slurm/local/cluster.sh refuses to start beside a SLURM it did not start and stops only
+    the daemons in its pid files (here stand-in processes named slurmctld / slurmd)."""
+    script = REPO / "slurm" / "local" / "cluster.sh"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["SLURM_LOCAL_DIR"] = str(tmp_path / "state")
+    (tmp_path / "state").mkdir()
+
+    def run(*args, **extra):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=60)
+
+    out = run("start", SLURM_CONF=str(tmp_path / "elsewhere.conf"))
+    assert out.returncode == 1 and "refusing to start" in out.stderr, out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    daemons = {}
+    for name in ("slurmctld", "slurmd"):
+        shutil.copy(shutil.which("sleep"), tmp_path / name)
+        daemons[name] = subprocess.Popen([str(tmp_path / name), "300"])
+    try:
+        out = run("start")
+        assert out.returncode == 1 and "refusing to start" in out.stderr, out
+        # only the slurmd is "ours": stop ends it and leaves the foreign slurmctld alone
+        (tmp_path / "state" / "slurmd.pid").write_text(f"{daemons['slurmd'].pid}\n")
+        assert run("stop").returncode == 0
+        assert daemons["slurmd"].wait(timeout=20) is not None
+        assert daemons["slurmctld"].poll() is None
+        assert not (tmp_path / "state" / "slurmd.pid").exists()
+    finally:
+        for proc in daemons.values():
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- rank health, hang watchdog

@@ -35,7 +35,8 @@ def register(sub, name: str, help_text: str) -> None:
     g.add_argument("--peak-tflops", type=float, default=989.0, help="--dry-run: per-GPU peak")
     g.set_defaults(func=_grid)
 
-    s = lsub.add_parser("status", help="one row per cell: state, progress, checkpoint, loss, requeues")
+    s = lsub.add_parser("status", help="one row per cell: state, progress, checkpoint, loss, requeues, "
+                          "crashes/retries")
     s.add_argument("--study", type=Path, default=DEFAULT_STUDY)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_status)

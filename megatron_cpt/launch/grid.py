@@ -3,8 +3,8 @@ spec each, one element per corpus), each cell's evaluation chained ``afterok`` o
 training element.
 
 Requeue: the trainer owns the signals (SIGUSR1/USR2/TERM -> every rank saves one checkpoint
-together and exits with ``run_folder.EXIT_REQUEUE``). :class:`TrainCell` turns that into
-``scontrol requeue`` of the same job id, so the run folder, the array element and the
+together and exits with ``run_folder.EXIT_REQUEUE``). :class:`TrainCell` turns that, and a
+crash within ``resources.max_failures``, into ``scontrol requeue`` of the same job id, so the run folder, the array element and the
 ``afterok`` dependency of its evaluation all stay valid; the requeued job runs the same pickled
 callable and resumes the latest checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own
 USR2 handler (a signal that arrives before or after the trainer's handlers are installed) by
@@ -42,6 +42,7 @@ class TrainCell:
     overrides: list[str]
     threads: int = 1
     max_requeues: int = 20
+    max_failures: int = 3
 
     def __call__(self) -> dict:
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
@@ -55,23 +56,49 @@ class TrainCell:
 
         cfg = TrainConfig.load(self.train_config, self.overrides)
         cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA initialises
-        code = train(cfg)
+        try:
+            code, crash = train(cfg), ""
+        except UsageError:
+            raise
+        except Exception as exc:  # a collective error after a peer died: retried like a crash
+            code, crash = 1, f"{type(exc).__name__}: {exc}"[:200]
         job = submitit.JobEnvironment()
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        decision = rf.requeue_decision(code, restarts, self.max_requeues)
-        if decision == rf.FAILED:
-            raise RuntimeError(f"{self.cell}: trainer exited {code} "
-                               f"(see {rf.RunFolder(cfg.run_dir).metrics_path})")
-        if code == rf.EXIT_REQUEUE and job.cluster == "slurm":
-            if job.global_rank == 0:
-                if decision == rf.GIVE_UP:
-                    raise RuntimeError(f"{self.cell}: stopped early again after {restarts} requeues")
-                print(f"{self.cell}: checkpoint saved, requeueing job {job.job_id}", flush=True)
-                # fails harmlessly when SLURM is already requeueing it (preemption)
-                subprocess.run(["scontrol", "requeue", job.job_id], timeout=60)
-            # SLURM now stops this job and starts it again; returning would record a result
-            time.sleep(3600)
+        if job.cluster == "slurm":
+            self._requeue_or_fail(code, crash, rf.RunFolder(cfg.run_dir), job)
         return {"cell": self.cell, "exit_code": code, "run_dir": cfg.run_dir}
+
+    def _requeue_or_fail(self, code: int, crash: str, run: rf.RunFolder, job) -> None:
+        """Rank 0 records the launch and requeues the same job (42, or a crash within
+        ``max_failures``); every rank raises where the cell ends unfinished, so submitit and
+        SLURM report failure and ``afterok`` never fires. Returns only when the run is done."""
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        decision = rf.requeue_decision(code, restarts, self.max_requeues,
+                                       run.failures(job.job_id), self.max_failures)
+        if decision == rf.FINISHED:
+            return
+        if job.global_rank == 0:
+            run.record_launch(rf.launch_record(job.job_id, restarts, code, decision, crash))
+        if decision in (rf.FAILED, rf.GIVE_UP):
+            raise RuntimeError(f"{self.cell}: trainer exited {code} ({decision}) after {restarts} "
+                               f"restarts; see {run.launches_path}")
+        if job.global_rank == 0:
+            print(f"{self.cell}: exit {code} ({decision}), requeueing job {job.job_id}", flush=True)
+            if subprocess.run(["scontrol", "requeue", job.job_id], timeout=60).returncode:
+                run.record_launch(rf.launch_record(job.job_id, restarts, code, rf.FAILED,
+                                                   "scontrol requeue refused"))
+                raise RuntimeError(f"{self.cell}: SLURM refused to requeue job {job.job_id}")
+        self._wait_for_requeue(run, job.job_id, restarts)
+
+    @staticmethod
+    def _wait_for_requeue(run: rf.RunFolder, job_id: str, restarts: int) -> None:
+        """SLURM now stops this job and starts it again (returning would record a result);
+        other ranks leave with an error when rank 0 records that the requeue was refused."""
+        for _ in range(3600):
+            if any(r.get("job") == str(job_id) and r.get("restart") == restarts
+                   and r.get("decision") == rf.FAILED for r in run.launches()):
+                raise RuntimeError(f"job {job_id}: SLURM refused the requeue (see rank 0)")
+            time.sleep(1)
+        raise RuntimeError(f"job {job_id} was not requeued within an hour")
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -119,7 +146,8 @@ class EvalCell:
 def train_job(cell: Cell) -> TrainCell:
     return TrainCell(cell.name, str(cell.study.train_config), cell.trainer_overrides(),
                      threads=cell.study.resources.cpus_per_task,
-                     max_requeues=cell.study.resources.max_requeues)
+                     max_requeues=cell.study.resources.max_requeues,
+                     max_failures=cell.study.resources.max_failures)
 
 
 def eval_job(cell: Cell) -> EvalCell:
@@ -268,21 +296,29 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
 
 
 def _run_local(study, cell, train_ex, evaluate, launches, log) -> None:
-    """Without SLURM: run the cell, requeue it in place while the trainer asks for it
-    (:func:`run_folder.requeue_decision`), then evaluate."""
-    restarts = 0
+    """Without SLURM: run the cell, start it again in place while :func:`run_folder.
+    requeue_decision` says so (42, or a crash within ``max_failures``), then evaluate."""
+    res, run = study.resources, rf.RunFolder(cell.run_dir)
+    restarts = failures = 0
     while True:
         job = train_ex.submit(train_job(cell))
         log(f"{cell.name:<24} local job {job.job_id} (restart {restarts})")
-        code = job.results()[0]["exit_code"]  # one result per task; rank 0's speaks for the cell
-        decision = rf.requeue_decision(code, restarts, study.resources.max_requeues)
+        try:
+            code = job.results()[0]["exit_code"]  # one result per task; rank 0's speaks for all
+        except Exception:  # noqa: BLE001  a crashed task (submitit re-raises its error)
+            code = 1
+        decision = rf.requeue_decision(code, restarts, res.max_requeues, failures,
+                                       res.max_failures)
+        run.record_launch(rf.launch_record(f"local-{job.job_id}", restarts, code, decision))
         if decision == rf.FINISHED:
             break
-        if decision != rf.REQUEUE:
-            raise RuntimeError(f"{cell.name}: trainer exited {code} after {restarts} requeues")
+        if decision not in (rf.REQUEUE, rf.RETRY):
+            raise RuntimeError(f"{cell.name}: trainer exited {code} ({decision}) after "
+                               f"{restarts} restarts; see {run.launches_path}")
+        failures += decision == rf.RETRY
         restarts += 1
     launches[cell.name] = {"train_job": job.job_id, "executor": "local", "restarts": restarts,
-                           "finished": time.time()}
+                           "failures": failures, "finished": time.time()}
     if evaluate:
         job = _eval_executor(study, "local", cell.size.name).submit(eval_job(cell))
         job.result()

@@ -63,7 +63,9 @@ def render(cell: Cell) -> str:
 # Resumes by itself: the trainer saves and exits {rf.EXIT_REQUEUE} on SIGUSR1 \
 ({size.signal_s} s before the time
 # limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
-# the same job, which continues from the latest checkpoint in the same run folder.
+# the same job, which continues from the latest checkpoint in the same run folder. A crash (any
+# exit but 0, 2 bad input, 3 non-finite loss, {rf.EXIT_REQUEUE}) is retried the same way up to MAX_FAILURES times;
+# every launch's outcome is appended to $RUN_DIR/{rf.LAUNCHES}. A requeue SLURM refuses exits 1.
 #
 # Overrides (environment variables at `sbatch` time; they are exported to the job):
 #   SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS   partition, account, QOS (read by sbatch itself)
@@ -88,6 +90,7 @@ DATA_ROOT="${{MCPT_DATA_ROOT:-{_in_repo(study.data_root)}}}"
 CKPT_ROOT="${{MCPT_CKPT_ROOT:-{_in_repo(study.checkpoint_root)}}}"
 RUN_DIR="$STUDY_DIR/runs/{size.name}/{cell.corpus}"
 MAX_REQUEUES={res.max_requeues}
+MAX_FAILURES={res.max_failures}
 
 CONTAINER=()
 if [ -n "${{MCPT_CONTAINER_IMAGE:-}}" ]; then

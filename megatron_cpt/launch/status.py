@@ -1,5 +1,6 @@
 """``launch status``: one row per cell from SLURM (when it still knows the job) and the run
-folder (which always does): state, progress, last checkpoint, last loss, requeues, evals."""
+folder (which always does): state, progress, last checkpoint, last loss, requeues, crashes
+and their retries (``RUN/launches.jsonl``), evals."""
 from __future__ import annotations
 
 import json
@@ -48,7 +49,20 @@ def run_progress(run_dir: Path) -> dict:
     return {"iteration": last["iteration"] if last else 0, "iterations": budget,
             "tokens": last["tokens"] if last else 0.0, "loss": last["loss"] if last else None,
             "checkpoint": run.latest_name(), "resumes": resumes, "exit": run.exit_status(),
-            "evals": len(run.eval_results()), "health": rank_health(records, last)}
+            "evals": len(run.eval_results()), "health": rank_health(records, last),
+            **launch_history(run)}
+
+
+def launch_history(run: rf.RunFolder) -> dict:
+    """Crashes and hangs (launches that ended other than 0/2/3/42), how many were retried, the last
+    launch's outcome, from ``RUN/launches.jsonl``."""
+    history = run.launches()
+    last = history[-1] if history else {}
+    calm = (rf.EXIT_OK, rf.EXIT_REQUEUE, *rf.NEVER_RETRIED)  # a crash or hang is anything else
+    return {"failures": sum(r.get("code") not in calm for r in history),
+            "retries": sum(r.get("decision") == rf.RETRY for r in history),
+            "last_launch": (f"{last['reason']}->{last['decision']}" if last else None),
+            "last_note": last.get("note") or None}
 
 
 def rank_health(records: list[dict], last: dict | None) -> dict:
@@ -77,6 +91,10 @@ def _state(slurm: dict, progress: dict, launched: bool) -> str:
     if slurm.get("JobState"):
         return slurm["JobState"]
     exit_status = progress["exit"]
+    if exit_status and exit_status.get("code") == rf.EXIT_NONFINITE:
+        return rf.exit_state(rf.EXIT_NONFINITE)
+    if (progress["last_launch"] or "").endswith((rf.FAILED, rf.GIVE_UP)):
+        return "FAILED"  # a crash past max_failures, a refused requeue (launches.jsonl)
     if exit_status and exit_status.get("code") is not None:  # null: a launch left no verdict
         return rf.exit_state(exit_status.get("code"))
     if progress["iteration"]:
@@ -101,6 +119,8 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
                      "iteration": progress["iteration"], "iterations": progress["iterations"],
                      "tokens": progress["tokens"], "checkpoint": progress["checkpoint"],
                      "loss": progress["loss"], "requeues": requeues,
+                     "failures": progress["failures"], "retries": progress["retries"],
+                     "last_launch": progress["last_launch"], "last_note": progress["last_note"],
                      "eval_job": entry.get("eval_job"), "health": progress["health"],
                      "eval_state": eval_slurm.get("JobState") or (
                          f"{progress['evals']} scored" if progress["evals"] else "-")})
@@ -109,12 +129,14 @@ def status_rows(study: StudyConfig, cells: list[Cell]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'cell':<24} {'job':>10} {'state':<12} {'iter':>11} {'tokens':>10} "
-            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8}  {'eval':<12} health")
+            f"{'checkpoint':<16} {'loss':>8} {'requeues':>8} {'crash/retry':>11}  {'eval':<12} health")
     lines = [head]
     for r in rows:
         it = f"{r['iteration']}/{r['iterations'] or '?'}"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        crashes = f"{r['failures']}/{r['retries']}"
         lines.append(f"{r['cell']:<24} {str(r['job'] or '-'):>10} {r['state']:<12} {it:>11} "
                      f"{r['tokens']:>10.3e} {str(r['checkpoint'] or '-'):<16} {loss:>8} "
-                     f"{r['requeues']:>8}  {r['eval_state']:<12} {format_health(r['health'])}")
+                     f"{r['requeues']:>8} {crashes:>11}  {r['eval_state']:<12} "
+                     f"{format_health(r['health'])}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     max_requeues: int = 20         # a cell that needs more is broken, not unlucky
+    max_failures: int = 3          # crashes (not 2/3/42) retried per job; then it ends FAILED
 
 
 @dataclass

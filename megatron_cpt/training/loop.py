@@ -521,6 +521,7 @@ def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
         code = launch.optimizer_step(loss, t0)
         if code is not None:
             return code
+        fault_hooks.crash_rank_if_planned(launch.iteration, launch.rank, dist.get_world_size())
         launch.validate_and_checkpoint()
         code = launch.stop_early(want_stop, stop)
         if code is not None:

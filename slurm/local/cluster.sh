@@ -3,11 +3,14 @@
 #
 #   slurm/local/cluster.sh start   install slurm-wlm + munge if missing, start munged,
 #                                  slurmctld and slurmd; prints `export SLURM_CONF=...`
-#   slurm/local/cluster.sh stop    stop the daemons
+#   slurm/local/cluster.sh stop    stop the daemons this script started (their pid files)
 #   slurm/local/cluster.sh status  sinfo
 #
 # State lives in $SLURM_LOCAL_DIR (default /tmp/megatron-cpt-slurm). Exit code 0 only when
 # the node answers `sinfo` as idle; otherwise the reason is printed and the exit code is 1.
+# It acts only on the slurmctld/slurmd it started (pid files in that folder) and refuses to
+# start where a real SLURM is configured (/etc/slurm/slurm.conf, another $SLURM_CONF, or
+# daemons it did not start): on a login or compute node, use that cluster instead.
 set -euo pipefail
 
 DIR="${SLURM_LOCAL_DIR:-/tmp/megatron-cpt-slurm}"
@@ -15,6 +18,32 @@ CONF="$DIR/slurm.conf"
 HOST="$(hostname -s)"
 
 fail() { echo "local SLURM cluster: $*" >&2; exit 1; }
+
+# pid of our daemon $1 (from its pid file) when it still runs, else nothing
+our_pid() {
+  local pid
+  pid="$(cat "$DIR/$1.pid" 2>/dev/null || true)"
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] \
+     && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then echo "$pid"; fi
+}
+
+refuse_real_slurm() {
+  for conf in /etc/slurm/slurm.conf /etc/slurm-llnl/slurm.conf; do
+    if [ -e "$conf" ]; then
+      fail "refusing to start: a real SLURM is configured here ($conf); use it, or unset it"
+    fi
+  done
+  if [ -n "${SLURM_CONF:-}" ] && [ "$SLURM_CONF" != "$CONF" ]; then
+    fail "refusing to start: SLURM_CONF=$SLURM_CONF names another cluster; unset it to start the local one"
+  fi
+  for daemon in slurmctld slurmd; do
+    for pid in $(pgrep -x "$daemon" || true); do
+      if [ "$pid" != "$(our_pid "$daemon")" ]; then
+        fail "refusing to start: $daemon pid $pid was not started by this script (no $DIR/$daemon.pid)"
+      fi
+    done
+  done
+}
 
 install() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -95,14 +124,15 @@ wait_idle() {
 }
 
 start() {
+  refuse_real_slurm
   install
   write_conf
   start_munge
   export SLURM_CONF="$CONF"
-  if ! pgrep -x slurmctld >/dev/null; then
+  if [ -z "$(our_pid slurmctld)" ]; then
     slurmctld -f "$CONF" || fail "slurmctld did not start; see $DIR/log/slurmctld.log"
   fi
-  if ! pgrep -x slurmd >/dev/null; then
+  if [ -z "$(our_pid slurmd)" ]; then
     slurmd -f "$CONF" || fail "slurmd did not start; see $DIR/log/slurmd.log"
   fi
   wait_idle
@@ -110,8 +140,15 @@ start() {
 }
 
 stop() {
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
+  local pid
+  for daemon in slurmd slurmctld; do
+    pid="$(our_pid "$daemon")"
+    if [ -n "$pid" ]; then
+      kill "$pid"
+      for _ in $(seq 1 30); do [ -z "$(our_pid "$daemon")" ] && break; sleep 0.5; done
+    fi
+    rm -f "$DIR/$daemon.pid"
+  done
 }
 
 case "${1:-start}" in
