@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -26,6 +27,7 @@ STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
 VALID_EVERY = 8          # every 8th document (by id hash) of a corpus is held out
 BASE_ITERATIONS = 80     # brief general pretraining of the random base models
+_INIT_LOCK = threading.Lock()  # torch's global RNG: one random init at a time, or seeds mix
 LOCAL_SLURM_CONF = Path("/tmp/megatron-cpt-slurm/slurm.conf")
 
 
@@ -91,7 +93,9 @@ def base_model(out: Path, model: str, seed: int) -> str:
     from megatron_cpt.tiny import make_hf_model
 
     data, base = out / "data", out / "base"
-    make_hf_model(base / f"{model}-random-hf", model, seed=seed, tokenizer_dir=out / "tokenizer")
+    with _INIT_LOCK:  # base models are built in threads; make_hf_model seeds the global RNG
+        make_hf_model(base / f"{model}-random-hf", model, seed=seed,
+                      tokenizer_dir=out / "tokenizer")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-random-hf"),
         "--out", str(base / f"{model}-random"), "--force")
     run = base / f"{model}-pretrain"
