@@ -86,6 +86,8 @@ class Study:
     notes: list[str] = field(default_factory=list)
     question_ids: dict[str, list[str]] = field(default_factory=dict)
     controls: list[str] = field(default_factory=list)  # domains with a control_<domain> cell
+    primary: dict = field(default_factory=dict)  # study.json primary_formulation setting
+    chance: dict[str, float] = field(default_factory=dict)  # task -> mean 1 / choices
 
     def run(self, size: str, cell: str) -> Run | None:
         return self.runs.get(f"{size}/{cell}")
@@ -159,9 +161,11 @@ def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int
     return points, questions
 
 
-def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...]) -> dict[int, dict[str, dict]]:
+def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...],
+                  choices: dict | None = None) -> dict[int, dict[str, dict]]:
     """iteration -> task -> {question id: 1.0/0.0}; a question is correct when
-    argmax(logliks) == answer (first index on ties, as the lm-eval task does)."""
+    argmax(logliks) == answer (first index on ties, as the lm-eval task does). Fills
+    ``choices`` with task -> {question id: number of choices}."""
     out: dict[int, dict[str, dict]] = {}
     for it, path in qfiles.items():
         per_task: dict[str, dict] = {}
@@ -178,6 +182,8 @@ def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...]) -> dict[int,
                     continue
                 per_task.setdefault(task, {})[str(rec["id"])] = float(
                     int(np.argmax(lls)) == int(rec["answer"]))
+                if choices is not None:
+                    choices.setdefault(task, {})[str(rec["id"])] = len(lls)
         out[it] = per_task
     return out
 
@@ -269,7 +275,8 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
                          "model.pretrained); left out of fits across sizes")
 
     # per-question correctness aligned on one id list per task, shared by every run
-    correct = {key: _read_correct(qf, splits) for key, qf in qfiles.items()}
+    n_choices: dict[str, dict] = {}
+    correct = {key: _read_correct(qf, splits, n_choices) for key, qf in qfiles.items()}
     ids: dict[str, set] = {}
     for per_it in correct.values():
         for per_task in per_it.values():
@@ -289,5 +296,8 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
                         mat[i, col[q]] = v
             if seen:
                 run.correct[task] = mat
+    chance = {t: float(np.mean([1.0 / k for k in per_q.values()]))
+              for t, per_q in n_choices.items()}
     return Study(str(spec.get("name") or root.name), root, runs, sizes, domains, missing,
-                 notes, question_ids, sorted(controls))
+                 notes, question_ids, sorted(controls), spec.get("primary_formulation") or {},
+                 chance)
