@@ -2,7 +2,7 @@
 
 1. data: domain classifier, filtering + decontamination of the shipped web sample, a
    train/valid split per corpus, a BPE fitted on the general training text, tokenization;
-2. base models: two tiny random Qwen2 sizes pretrained briefly on general text (so continued
+2. base models: three tiny random Qwen2 sizes pretrained briefly on general text (so continued
    pretraining starts from a model that knows the language), published as Hugging Face
    folders and converted back to Megatron checkpoints, as a real Qwen2.5 would be;
 3. the grid (configs/study-demo.yaml): sizes x {general, legal, medical, control_legal},
@@ -124,7 +124,9 @@ def base_models(out: Path, models: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for line in pool.map(lambda a: base_model(out, *a), [(m, i) for i, m in enumerate(models)]):
+        # the seed follows the model's name: the same init whichever sizes a run selects
+        seeds = [(m, zlib.crc32(m.encode()) % 10_000) for m in models]
+        for line in pool.map(lambda a: base_model(out, *a), seeds):
             log(line)
 
 
@@ -160,7 +162,7 @@ def wait_for_jobs(launches: dict, timeout_s: float = 3600) -> None:
 
 
 def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = None,
-              bootstrap: int = 1000) -> dict:
+              bootstrap: int = 1000, sizes: list[str] | None = None) -> dict:
     from megatron_cpt.launch.grid import submit_grid
     from megatron_cpt.launch.study import StudyConfig
     from megatron_cpt.report import build_report
@@ -170,7 +172,8 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     os.environ.update(MCPT_STUDY_DIR=str(out / "study"), MCPT_DATA_ROOT=str(out / "data"),
                       MCPT_CKPT_ROOT=str(out / "checkpoints"))
     study = StudyConfig.load(STUDY)
-    cells = study.cells(corpora=corpora)
+    cells = study.cells(sizes=sizes, corpora=corpora)
+    chosen = {c.size.name: c.size for c in cells}
     needed = sorted({c.corpus for c in cells} | {"general"})
     timings = {}
 
@@ -180,8 +183,8 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     timings["data"] = time.time() - t0
 
     t = time.time()
-    log(f"2/4 base models {', '.join(study.sizes)}: brief general pretraining, HF export, conversion")
-    base_models(out, [s.model for s in study.sizes.values()])
+    log(f"2/4 base models {', '.join(chosen)}: brief general pretraining, HF export, conversion")
+    base_models(out, [s.model for s in chosen.values()])
     timings["base models"] = time.time() - t
 
     t = time.time()
