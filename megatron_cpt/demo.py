@@ -50,7 +50,7 @@ def _is_valid(doc_id: str) -> bool:
     return zlib.crc32(doc_id.encode()) % VALID_EVERY == 0
 
 
-def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
+def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> dict:
     from data_prep.tokenize import tokenize
     from megatron_cpt.tiny import train_tokenizer
 
@@ -62,6 +62,10 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     report = json.loads((out / "prep" / "filter_report.json").read_text())
     log(f"filtered the web sample: {report['documents_in']} documents in, "
         f"{report['documents_clean']} clean, dropped {report['dropped']}")
+    decontam = decontamination_summary(report)
+    log(f"decontamination: {decontam['removed']} page(s) removed (planted leaks of "
+        f"{', '.join(decontam['removed_items']) or '-'}); hits against the exams' val/test "
+        f"questions: {decontam['val_test_hits']}")
 
     splits = out / "splits"
     splits.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,19 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
              for n in files}
     log("tokenized: " + ", ".join(f"{n} {len(files[n])} docs/{sizes[n]} tok" for n in files))
+    return decontam
+
+
+def decontamination_summary(report: dict) -> dict:
+    """The filter's 13-gram decontamination against the exams' scored (val/test) questions:
+    the corpora state each question's knowledge, so a hit here would mean a leaked question."""
+    from eval.exams import load_exam, sample_exam_paths
+
+    scored = {it.id for p in sample_exam_paths().values() for it in load_exam(p)
+              if it.split in ("val", "test")}
+    removed = report.get("decontamination", {}).get("removed", [])
+    return {"removed": len(removed), "removed_items": sorted({r["exam_item"] for r in removed}),
+            "val_test_hits": sum(r["exam_item"] in scored for r in removed)}
 
 
 def base_model(out: Path, model: str, seed: int) -> str:
@@ -179,7 +196,7 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
 
     t0 = time.time()
     log(f"1/4 data: classifier, filter + decontamination, split, tokenize -> {out / 'data'}")
-    prepare_data(out, needed, study.valid_names)
+    decontam = prepare_data(out, needed, study.valid_names)
     timings["data"] = time.time() - t0
 
     t = time.time()
@@ -201,7 +218,7 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     results = build_report(out / "study", out / "study" / "report", bootstrap=bootstrap)
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
-    results["demo"] = {"executor": kind, "timings_s": timings}
+    results["demo"] = {"executor": kind, "timings_s": timings, "decontamination": decontam}
     (out / "demo_summary.json").write_text(json.dumps(results["demo"], indent=2) + "\n")
     print()
     print(summary_table(results))
