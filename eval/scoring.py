@@ -51,8 +51,10 @@ def summarize(out: dict, continuation_tokens: dict | None = None) -> dict:
                                          for x in s["filtered_resps"])]
             rec = {"id": s["doc"]["id"], "subject": s["doc"].get("subject"),
                    "answer": int(s["doc"]["answer"]), "logliks": lls}
-            if continuation_tokens is not None and "_cf_" in task:
-                rec["tokens"] = [continuation_tokens.get(tuple(a)) for a in s["arguments"]]
+            if "_cf_" in task:  # lengths for acc_norm (chars) and per-token scores
+                rec["chars"] = [len(c) for c in s["doc"]["choices"]]
+                if continuation_tokens is not None:
+                    rec["tokens"] = [continuation_tokens.get(tuple(a)) for a in s["arguments"]]
             recs.append(rec)
         samples[task] = recs
         metrics[task]["n"] = len(recs)

@@ -143,7 +143,7 @@ CROSS = [
 
 
 EXAM_DIR = os.path.join(HERE, os.pardir, os.pardir, "eval", "exams")
-FACTS_PER_DOC = (2, 5)
+FACTS_PER_DOC = (6, 12)
 # One fact = a question's topic words + its correct answer, kept verbatim (the cloze exam
 # scores " " + answer text as the continuation). No template repeats the question sentence.
 FACT_TEMPLATES = [
@@ -307,7 +307,7 @@ def generate(out_dir: str = HERE, seed: int = 1234, per_label: int = 100, web_do
     n_lab = write_jsonl(os.path.join(out_dir, "seed_labeled.jsonl"), labeled)
 
     web = []
-    weights = {"legal": 0.15, "medical": 0.15, "accounting": 0.1, "other": 0.6}
+    weights = {"legal": 0.1, "medical": 0.1, "accounting": 0.06, "other": 0.74}
     for i in range(web_docs):
         label = rng.choices(list(weights), weights=list(weights.values()))[0]
         text = make_doc(rng, label, (2, 12)) if rng.random() > 0.2 else make_mixed_doc(

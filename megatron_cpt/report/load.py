@@ -21,6 +21,13 @@ EVAL_DIR = "eval"
 _EVAL_FILE = re.compile(r"^(\d+)\.json$")
 
 
+def score_metric(exam: str) -> str:
+    """The accuracy the report selects and compares on: ``acc`` for MCF exams (the letters all
+    have one character, so ``acc_norm`` is the same), ``acc_norm`` for CF exams (``<exam>_cf``:
+    per-character normalisation, as OLMES scores CF; raw sums would favour short answers)."""
+    return "acc_norm" if exam.endswith("_cf") else "acc"
+
+
 @dataclass
 class Point:
     """One scored checkpoint (iteration 0 = the base model)."""
@@ -63,8 +70,10 @@ class Run:
     def iterations(self) -> list[int]:
         return [p.iteration for p in self.points]
 
-    def exam(self, exam: str, split: str, metric: str = "acc") -> np.ndarray:
-        """``metric`` of ``exam``/``split`` per point; NaN where not scored."""
+    def exam(self, exam: str, split: str, metric: str | None = None) -> np.ndarray:
+        """``metric`` (default: the exam's score, see ``score_metric``) of ``exam``/``split``
+        per point; NaN where not scored."""
+        metric = metric or score_metric(exam)
         out = []
         for p in self.points:
             v = p.exams.get(exam, {}).get(split, {}).get(metric)
@@ -164,7 +173,9 @@ def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int
 def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...],
                   choices: dict | None = None) -> dict[int, dict[str, dict]]:
     """iteration -> task -> {question id: 1.0/0.0}; a question is correct when
-    argmax(logliks) == answer (first index on ties, as the lm-eval task does). Fills
+    argmax(logliks) == answer (first index on ties, as the lm-eval task does), the
+    log-likelihoods divided by the choices' characters where the record has ``chars`` (CF,
+    matching ``score_metric``). Fills
     ``choices`` with task -> {question id: number of choices}."""
     out: dict[int, dict[str, dict]] = {}
     for it, path in qfiles.items():
@@ -180,6 +191,8 @@ def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...],
                 lls = rec.get("logliks") or []
                 if not lls:
                     continue
+                if rec.get("chars"):
+                    lls = [ll / c for ll, c in zip(lls, rec["chars"])]
                 per_task.setdefault(task, {})[str(rec["id"])] = float(
                     int(np.argmax(lls)) == int(rec["answer"]))
                 if choices is not None:

@@ -81,7 +81,8 @@ def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
                 y = r.exam(e, "test")
                 if np.isfinite(y).any():
                     ax.plot(r.flops, y, ":", color=STYLE[k][0], alpha=0.6, label=f"{k} (test)")
-            ax.set(title=f"{size}: {d} exam, {label}", xlabel="FLOPs", ylabel="accuracy")
+            ax.set(title=f"{size}: {d} exam, {label}", xlabel="FLOPs",
+                   ylabel="accuracy" + (" (per-char norm.)" if suffix else ""))
             _legend(ax)
     return _save(fig, out / f"score_vs_compute_{size}.png")
 
