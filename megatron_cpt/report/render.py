@@ -116,7 +116,7 @@ def findings(r: dict) -> list[str]:
     cells = list(r["cells"].values())
     sizes = ", ".join(f"{s} ({_e(n)} parameters)" if n else s for s, n in r["sizes"].items())
     out = ["## Findings", "",
-           f"Measured: continued pretraining of {len(r['sizes'])} model sizes ({sizes}) on the "
+           f"Measured: continued pretraining of {len(r['sizes'])} model size(s) ({sizes}) on the "
            f"domain corpora {', '.join(r['domains'])}, the general corpus and size-matched "
            "controls; every checkpoint and the base model scored on each domain's exam in two "
            "formats (MCF: lettered options; CF: the answer text) and on validation loss.", ""]
