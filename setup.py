@@ -29,6 +29,7 @@ setup(
         # compressed and Parquet inputs, SentencePiece tokenizers
         "datatrove>=0.10,<0.11",
         "fasttext-numpy2",  # the `fasttext` 0.9.3 binding breaks under numpy 2 (predict)
+        "py3langid",  # language identification; its model ships inside the wheel (no download)
         "zstandard",
         "pyarrow",
         "sentencepiece",

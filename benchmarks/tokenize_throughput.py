@@ -10,8 +10,10 @@ file with the same tokenizer and worker count through
   3. Megatron-LM `tools/preprocess_data.py --workers N --append-eod` (a checkout of tag
      core_v0.16.1 given with --megatron-lm; never committed here),
 
-timing each end to end (process start to exit), and reports documents/s, MB/s of JSONL input,
-the ratios, and whether the .bin/.idx files are byte-identical.
+timing each end to end (process start to exit) with its peak memory (resident sets of the whole
+process tree). Rounds pair the tools back to back, alternating which one goes first; the speedup
+is the per-round ratio Megatron-LM / megatron-cpt, reported as median and range over rounds
+(never best of one tool over best of the other). Also: whether the .bin/.idx are byte-identical.
 
     python benchmarks/tokenize_throughput.py --megatron-lm /tmp/mlm --size-mb 40 --workers 2
 
@@ -107,18 +109,64 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time(
 '''
 
 
-def timed(cmd, cwd=None, env=None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the command and all its reaped children)."""
+def timed(cmd, cwd=None, env=None) -> dict:
+    """Wall seconds, CPU seconds (the command and its reaped children) and peak memory: the
+    sum of the resident sets of the whole process tree, sampled every 50 ms."""
     import resource
+
+    import psutil
 
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, root = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
     dt = time.perf_counter() - t0
+    out, err = proc.communicate()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if r.returncode != 0:
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return dt, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"wall_s": round(dt, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(peak / 2**20, 1)}
+
+
+def _ceiling(py, corpus, tok_dir, env) -> dict:
+    """The `tokenizers` encode_batch loop alone (texts already in memory)."""
+    r = subprocess.run([py, "-c", _CEILING, corpus, tok_dir], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    c = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(c["seconds"], 2), "cpu_s": round(c["cpu"], 2), "tokens": c["tokens"]}
+
+
+def _commands(args, py, corpus, tok_dir, env) -> dict:
+    """name -> (command, cwd, env) for this tool and, with --megatron-lm, Megatron-LM."""
+    cmds = {"megatron-cpt": ([py, "-m", "megatron_cpt", "prep", "tokenize", "--input", corpus, "--tokenizer",
+                              tok_dir, "--output-prefix", os.path.join(args.workdir, "ours"),
+                              "--workers", str(args.workers)], REPO, env)}
+    if args.megatron_lm:
+        wrapper = os.path.join(args.workdir, "run_mlm.py")
+        with open(wrapper, "w") as fh:
+            fh.write(_WRAPPER)
+        mlm_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in [args.mlm_pythonpath] if p))
+        cmds["megatron-lm"] = ([py, wrapper, "tools/preprocess_data.py", "--input", corpus, "--output-prefix",
+                                os.path.join(args.workdir, "mlm"), "--tokenizer-type", "HuggingFaceTokenizer",
+                                "--tokenizer-model", tok_dir, "--append-eod", "--workers", str(args.workers)],
+                               args.megatron_lm, mlm_env)
+    return cmds
+
+
+def _summary(values: list[float]) -> dict:
+    import statistics
+
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "rounds": [round(v, 3) for v in values]}
 
 
 def main(argv=None) -> int:
@@ -127,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mb", type=float, default=40.0)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate the tools this many times; best of")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds; the order of the tools alternates")
     ap.add_argument("--megatron-lm", help="checkout of NVIDIA/Megatron-LM at tag core_v0.16.1")
     ap.add_argument("--mlm-pythonpath", default="", help="extra PYTHONPATH for Megatron-LM (e.g. `six`)")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -146,63 +194,48 @@ def main(argv=None) -> int:
     docs = sum(1 for _ in open(corpus, "rb"))
     py = sys.executable
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmds = _commands(args, py, corpus, tok_dir, env)
     results: dict = {"corpus_mb": round(mb, 2), "documents": docs, "workers": args.workers,
-                     "vocab": args.vocab, "cpus": os.cpu_count(), "runs": {}}
-    best: dict[str, float] = {}
-    best_cpu: dict[str, float] = {}
-
-    def record(name, timing):
-        seconds, cpu = timing
-        best[name] = min(seconds, best.get(name, float("inf")))
-        best_cpu[name] = min(cpu, best_cpu.get(name, float("inf")))
-        results["runs"].setdefault(name, []).append({"wall_s": round(seconds, 2), "cpu_s": round(cpu, 2)})
-
+                     "vocab": args.vocab, "cpus": os.cpu_count(), "runs": []}
     for rnd in range(args.rounds):
-        # 1. tokenizers encode_batch ceiling (time of the encode loop only)
-        r = subprocess.run([py, "-c", _CEILING, corpus, tok_dir], capture_output=True, text=True, env=env)
-        if r.returncode:
-            raise SystemExit(r.stderr)
-        ceil = json.loads(r.stdout.strip().splitlines()[-1])
-        record("encode_batch", (ceil["seconds"], ceil["cpu"]))
-        results["tokens_without_eod"] = ceil["tokens"]
-        # 2. this tool
-        ours = os.path.join(args.workdir, "ours")
-        record("megatron-cpt", timed([py, "-m", "megatron_cpt", "prep", "tokenize", "--input", corpus,
-                                      "--tokenizer", tok_dir, "--output-prefix", ours,
-                                      "--workers", str(args.workers)], cwd=REPO, env=env))
-        # 3. Megatron-LM
-        if args.megatron_lm:
-            wrapper = os.path.join(args.workdir, "run_mlm.py")
-            with open(wrapper, "w") as fh:
-                fh.write(_WRAPPER)
-            mlm_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in [args.mlm_pythonpath] if p))
-            mlm_prefix = os.path.join(args.workdir, "mlm")
-            record("megatron-lm", timed([py, wrapper, "tools/preprocess_data.py", "--input", corpus,
-                                         "--output-prefix", mlm_prefix, "--tokenizer-type",
-                                         "HuggingFaceTokenizer", "--tokenizer-model", tok_dir,
-                                         "--append-eod", "--workers", str(args.workers)],
-                                        cwd=args.megatron_lm, env=mlm_env))
-        print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s" for k, v in results["runs"].items()),
-              file=sys.stderr)
-
-    rows = {}
-    for name, sec in best.items():
-        cpu = best_cpu[name]
-        rows[name] = {"wall_s": round(sec, 2), "docs_per_s": round(docs / sec, 1), "mb_per_s": round(mb / sec, 2),
-                      "cpu_s": round(cpu, 2), "mb_per_cpu_s": round(mb / cpu, 3)}
-    results["best"] = rows
-    if "megatron-lm" in best:
-        results["speedup_vs_megatron_lm"] = round(best["megatron-lm"] / best["megatron-cpt"], 3)
-        results["cpu_efficiency_vs_megatron_lm"] = round(best_cpu["megatron-lm"] / best_cpu["megatron-cpt"], 3)
-        a, b = os.path.join(args.workdir, "ours"), os.path.join(args.workdir, "mlm_text_document")
-        results["byte_identical"] = {ext: sha256_file(f"{a}.{ext}") == sha256_file(f"{b}.{ext}") for ext in ("bin", "idx")}
-    results["fraction_of_encode_batch"] = round(best["encode_batch"] / best["megatron-cpt"], 3)
-    results["fraction_of_encode_batch_cpu"] = round(best_cpu["encode_batch"] / best_cpu["megatron-cpt"], 3)
+        run = {"encode_batch": _ceiling(py, corpus, tok_dir, env)}
+        results["tokens_without_eod"] = run["encode_batch"].pop("tokens")
+        order = list(cmds) if rnd % 2 == 0 else list(cmds)[::-1]  # alternate who goes first
+        for name in order:
+            cmd, cwd, cmd_env = cmds[name]
+            run[name] = timed(cmd, cwd=cwd, env=cmd_env)
+        run["order"] = order
+        results["runs"].append(run)
+        print(f"round {rnd + 1} ({' then '.join(order)}): "
+              + ", ".join(f"{k} {v['wall_s']:.1f}s" for k, v in run.items() if k != "order"), file=sys.stderr)
+    results.update(_paired(results["runs"], mb, docs, args.workdir))
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+def _paired(runs: list[dict], mb: float, docs: int, workdir: str) -> dict:
+    """Per-round ratios (same round, back to back) summarized by median and range; peak memory."""
+    tools = [k for k in runs[0] if k != "order"]
+    out: dict = {"per_tool": {}}
+    for name in tools:
+        walls = [r[name]["wall_s"] for r in runs]
+        out["per_tool"][name] = {"wall_s": _summary(walls), "mb_per_s_median": round(mb / _summary(walls)["median"], 2),
+                                 "docs_per_s_median": round(docs / _summary(walls)["median"], 1),
+                                 "peak_rss_mb_max": max((r[name]["peak_rss_mb"] for r in runs
+                                                         if "peak_rss_mb" in r[name]), default=None)}
+    out["ratio_ceiling_over_megatron_cpt"] = _summary([r["encode_batch"]["wall_s"] / r["megatron-cpt"]["wall_s"]
+                                                       for r in runs])
+    if "megatron-lm" in tools:
+        out["speedup_vs_megatron_lm"] = _summary([r["megatron-lm"]["wall_s"] / r["megatron-cpt"]["wall_s"]
+                                                  for r in runs])
+        out["cpu_ratio_vs_megatron_lm"] = _summary([r["megatron-lm"]["cpu_s"] / r["megatron-cpt"]["cpu_s"]
+                                                    for r in runs])
+        a, b = os.path.join(workdir, "ours"), os.path.join(workdir, "mlm_text_document")
+        out["byte_identical"] = {ext: sha256_file(f"{a}.{ext}") == sha256_file(f"{b}.{ext}") for ext in ("bin", "idx")}
+    return out
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def bare(args) -> None:
 
     from megatron_cpt.training import loop
     from megatron_cpt.training.config import TrainConfig
-    from megatron_cpt.training.validate import prepare
+    from megatron_cpt.training.preflight import prepare
     from megatron_cpt.runtime import init_distributed
     from megatron_cpt.training.toy import toy_overrides
 

@@ -63,6 +63,19 @@ def register(sub, name: str, help_text: str) -> None:
     tk.add_argument("--keep-work", action="store_true", help="keep PREFIX.work (shards, task logs)")
     tk.set_defaults(func=_tokenize)
 
+    # -- split -----------------------------------------------------------------------------
+    sp = prep_sub.add_parser("split", help="deterministic train/valid(/test) split by a hash of the document id")
+    sp.add_argument("--input", required=True, nargs="+", help="input files or globs (JSONL[.gz|.zst], Parquet)")
+    sp.add_argument("--output", required=True, help="folder for <split>.jsonl files and split.json")
+    size = sp.add_mutually_exclusive_group(required=True)
+    size.add_argument("--fractions", help="e.g. train=0.98,valid=0.01,test=0.01 (must add up to 1)")
+    size.add_argument("--counts", help="e.g. valid=100,test=100: exact document counts; the rest -> --rest")
+    sp.add_argument("--rest", default="train", help="with --counts: the split that gets the remaining documents")
+    sp.add_argument("--salt", default="", help="hash salt: another salt gives another (still deterministic) split")
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--id-field", default="id")
+    sp.set_defaults(func=_split)
+
     # -- stats -----------------------------------------------------------------------------
     st = prep_sub.add_parser("stats", help="print a table of tokenized prefixes (from their manifests)")
     st.add_argument("prefixes", nargs="+", help="PREFIX (or PREFIX.bin / PREFIX.manifest.json)")
@@ -109,7 +122,7 @@ def _filter(args) -> int:
         print(f"submitted SLURM jobs; the report will be at {os.path.join(cfg.output, 'filter_report.json')}")
         return 0
     print(report_table(report))
-    print(f"wrote {os.path.join(cfg.output, 'filter_report.json')}")
+    print(f"wrote {os.path.join(cfg.output, 'prep_report.md')} (+ prep_report.json, funnel.png, filter_report.json)")
     return 0
 
 
@@ -140,6 +153,16 @@ def _tokenize(args) -> int:
         print("dropped: " + ", ".join(f"{k}={v}" for k, v in m["dropped"].items()))
     print(f"{m['documents']} documents, {m['tokens']} tokens in {m['seconds']:.1f}s "
           f"-> {args.output_prefix}.bin/.idx/.manifest.json")
+    return 0
+
+
+def _split(args) -> int:
+    from data_prep.split import parse_sizes, split
+
+    res = split(args.input, args.output, parse_sizes(args.counts or args.fractions), counts=bool(args.counts),
+                rest=args.rest, salt=args.salt, text_field=args.text_field, id_field=args.id_field)
+    print(", ".join(f"{n} {c}" for n, c in res["documents"].items()) + f" documents -> {args.output}"
+          + (f"; dropped {res['dropped']}" if res["dropped"] else ""))
     return 0
 
 

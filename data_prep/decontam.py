@@ -60,6 +60,7 @@ class ExamIndex:
         self.lengths: set[int] = set()
         self.items = 0
         self.files = list(exam_files)
+        self.item_info: dict[str, dict] = {}  # item id -> exam file and split (for the report)
         for path in exam_files:
             if not os.path.isfile(path):
                 raise UsageError(f"exam file {path!r} not found: fix `decontamination.exam_files` in the config")
@@ -76,6 +77,7 @@ class ExamIndex:
                         raise UsageError(f"exam file {path}:{line_no} has no question field "
                                          f"({'/'.join(_Q_FIELDS)}): fix the file")
                     item_id = str(obj.get("id", f"{os.path.basename(path)}:{line_no}"))
+                    self.item_info[item_id] = {"exam": path, "split": str(obj.get("split", "-"))}
                     self.add(words(text), item_id)
 
     def add(self, ws: list[str], item_id: str) -> None:

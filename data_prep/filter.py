@@ -11,7 +11,12 @@ Outputs under ``output`` (JSONL, one object per document: the input record plus 
 * ``filter_report.json`` — documents/tokens in, per output and per threshold, drops per
   reason, and every decontaminated document with the exam item it matched.
 
-Contaminated documents are removed before anything else, so from every output. Work is
+Before that, in this order and each switchable: exact + MinHash deduplication (a first pass over
+the whole corpus, ``data_prep.dedup``), language identification (``data_prep.language``) and
+datatrove's Gopher / C4 rules (``data_prep.quality``), run per document by ``data_prep.gate``.
+``prep_report.{json,md}`` and ``funnel.png`` (``data_prep.report``) summarize the run.
+
+Contaminated documents are removed before classification, so from every output. Work is
 split into datatrove tasks per input unit; the merge is sequential and seeded, so outputs
 are identical whatever the number of tasks.
 """
@@ -26,8 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import report as run_report
+from data_prep.dedup import DedupConfig, load_decisions
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
+from data_prep.language import LanguageConfig
+from data_prep.quality import QualityConfig
 from megatron_cpt.config_loader import YamlDoc, build, read_yaml
 from megatron_cpt.errors import UsageError
 
@@ -51,6 +60,9 @@ class FilterConfig:
     seed: int = 0
     unit_bytes: int = DEFAULT_UNIT_BYTES
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: dict | None = None,
@@ -89,11 +101,15 @@ class FilterConfig:
         ex = f.executor
         if f.workers is not None:
             ex = dataclasses.replace(ex, workers=f.workers)  # re-validated in __post_init__
+        stages = {"dedup": DedupConfig.from_raw(f.dedup, doc.where(("dedup",))),
+                  "language": LanguageConfig.from_raw(f.language, doc.where(("language",))),
+                  "quality": QualityConfig.from_raw(f.quality, doc.where(("quality",)))}
         return cls(inputs=f.inputs, output=f.output, classifier=f.classifier, thresholds=thresholds,
                    text_field=f.text_field, id_field=f.id_field, threshold_sweep=f.threshold_sweep,
                    exam_files=f.decontamination.exam_files, ngram=f.decontamination.ngram,
                    tokenizer=f.token_count.tokenizer, general_token_target=f.general.token_target,
-                   controls=f.control.enabled, seed=f.seed, unit_bytes=f.unit_bytes, executor=ex)
+                   controls=f.control.enabled, seed=f.seed, unit_bytes=f.unit_bytes, executor=ex,
+                   **stages)
 
 
 @dataclasses.dataclass
@@ -136,6 +152,10 @@ class _FilterFile:
     seed: int = 0
     unit_bytes: int = DEFAULT_UNIT_BYTES
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
+    # checked by their own modules (data_prep/dedup.py, language.py, quality.py)
+    dedup: Any = None
+    language: Any = None
+    quality: Any = None
     workers: int | None = None   # shorthand for executor.workers
     tasks: int | None = None     # ignored: tasks = number of input units (set by unit_bytes)
 
@@ -157,28 +177,34 @@ class FilterStep(UnitStep):
         return [len(ids) + 1 for ids in self.tokenizer.encode_batch(texts)]  # + EOD
 
     def process(self, unit, rank: int) -> None:
+        from data_prep.gate import Gate
+
         cfg = self.cfg
+        gate = Gate(load_decisions(self.work_dir), rank, cfg.language, cfg.quality, cfg.text_field)
         drops = DropCounter()
         reader = RecordReader(cfg.text_field, cfg.id_field, keep_raw=True)
         base = self.shard_path(rank)
         domains = list(cfg.thresholds)
-        removed, tokens, probs = [], [], []
+        removed, tokens, probs, clean_bytes = [], [], [], [0]
         outs = {d: open(f"{base}.{d}.jsonl", "w", encoding="utf-8") for d in domains}
         all_out = open(f"{base}.all.jsonl", "w", encoding="utf-8")
         batch: list = []
 
         def flush():
             clean = []
-            for rec in batch:
-                hit = self.exam_index.match(rec.text) if self.exam_index else None
+            hits = gate.timed("decontaminate", batch, lambda: [self.exam_index.match(r.text) if self.exam_index
+                                                               else None for r in batch])
+            for rec, hit in zip(batch, hits):
                 if hit:
                     drops.add("contaminated", unit.path, rec.line, f"{rec.id} ~ {hit[0]}")
                     removed.append({"id": rec.id, "exam_item": hit[0], "ngram": hit[1],
-                                    "file": unit.path, "line": rec.line})
+                                    "file": unit.path, "line": rec.line,
+                                    **self.exam_index.item_info.get(hit[0], {})})
+                    gate.dropped_bytes["contaminated"] = gate.dropped_bytes.get("contaminated", 0) + rec.nbytes
                 else:
                     clean.append(rec)
-            ps = self.classifier.probs_batch([r.text for r in clean])
-            ns = self.count_tokens([r.text for r in clean])
+            ps = gate.timed("classify", clean, lambda: self.classifier.probs_batch([r.text for r in clean]))
+            ns = gate.timed("count_tokens", clean, lambda: self.count_tokens([r.text for r in clean]))
             for rec, p, n in zip(clean, ps, ns):
                 obj = dict(rec.raw)
                 obj[cfg.id_field] = rec.id
@@ -190,6 +216,7 @@ class FilterStep(UnitStep):
                     if p.get(d, 0.0) >= cfg.thresholds[d]:
                         outs[d].write(line)
                 tokens.append(n)
+                clean_bytes[0] += rec.nbytes
                 probs.append([p.get(d, 0.0) for d in domains])
             batch.clear()
 
@@ -198,6 +225,10 @@ class FilterStep(UnitStep):
         with tqdm(desc=f"filter task {rank}", unit=" docs", disable=not self.progress, position=rank % 8,
                   leave=False, mininterval=1.0) as bar:
             for rec in reader.read(unit, drops):
+                verdict = gate.check(rec)
+                if verdict:
+                    drops.add(verdict[0], unit.path, rec.line, verdict[1])
+                    continue
                 batch.append(rec)
                 if len(batch) >= 512:
                     bar.update(len(batch))
@@ -210,7 +241,8 @@ class FilterStep(UnitStep):
                  probs=np.asarray(probs, dtype=np.float32).reshape(len(tokens), len(domains)))
         with open(f"{base}.json", "w") as fh:
             json.dump({"unit": unit.to_dict(), "lines": reader.lines, "documents": len(tokens),
-                       "dropped": drops.to_dict(), "removed": removed}, fh)
+                       "dropped": drops.to_dict(), "removed": removed, "gate": gate.stats(),
+                       "clean_bytes": clean_bytes[0]}, fh)
 
 
 def _sample_to_tokens(tokens: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
@@ -320,13 +352,31 @@ class _FilterMerge:
         }
         if docs_in != len(tokens) + drops.total:
             raise RuntimeError("document accounting mismatch in filter (this is a bug)")
+        report.update(run_report.pipeline_section(cfg, stats, load_decisions(self.work_dir)))
         with open(os.path.join(out, "filter_report.json"), "w") as fh:
             json.dump(report, fh, indent=2)
+        run_report.write(out, report)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+class _FilterStage:
+    """Picklable: the classify+decontaminate pass and its merge (locally, or submitted to SLURM)."""
+
+    def __init__(self, step, n_tasks, executor, logs, merge):
+        self.step, self.n_tasks, self.executor, self.logs, self.merge = step, n_tasks, executor, logs, merge
+
+    def __call__(self) -> bool:
+        # run by the dedup merge job on SLURM (an array task): datatrove would take this
+        # submission for a task of its own while SLURM_ARRAY_TASK_ID is set
+        saved = {k: os.environ.pop(k) for k in ("SLURM_ARRAY_TASK_ID", "RUN_OFFSET") if k in os.environ}
+        try:
+            return run_units(self.step, self.n_tasks, self.executor, self.logs, merge_fn=self.merge)
+        finally:
+            os.environ.update(saved)
 
 
 def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
@@ -348,7 +398,15 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict | None:
     os.makedirs(work_dir)
     step = FilterStep(units, work_dir, cfg, clf, index, tok, progress=progress)
     merge = _FilterMerge(cfg, units, work_dir, files, clf.labels, started, progress)
-    done = run_units(step, len(units), cfg.executor, os.path.join(out, "logs"), merge_fn=merge)
+    stage = _FilterStage(step, len(units), cfg.executor, os.path.join(out, "logs"), merge)
+    if cfg.dedup.enabled:  # dedup pass first; its merge (a SLURM job there) starts the filter pass
+        from data_prep.dedup import DedupMerge, SignatureStep
+
+        sigs = SignatureStep(units, work_dir, cfg.dedup, cfg.text_field, cfg.id_field)
+        done = run_units(sigs, len(units), cfg.executor, os.path.join(out, "logs", "dedup"),
+                         merge_fn=DedupMerge(cfg.dedup, len(units), work_dir, then=stage))
+    else:
+        done = stage()
     if not done:
         return None
     with open(os.path.join(out, "filter_report.json")) as fh:

@@ -68,14 +68,15 @@ def _run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from eval.exams import sample_exam_paths
-    from eval.run import EVAL_DIR, evaluate_run, read_run
+    from eval.run import evaluate_run, read_run
     from eval.tasks import write_tasks
+    from megatron_cpt.run_folder import RunFolder
     from megatron_cpt.runtime import shutdown
     from megatron_cpt.runtime.distributed import read_dist_env
 
     read_run(args.run_dir)  # fail early on a wrong folder
     exams = args.exams or list(sample_exam_paths().values())
-    tasks_dir = args.run_dir / EVAL_DIR / "tasks"
+    tasks_dir = RunFolder(args.run_dir).tasks_dir
     if read_dist_env().rank == 0:
         names = write_tasks(exams, tasks_dir, num_fewshot=args.num_fewshot,
                             formulations=args.formulations)

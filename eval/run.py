@@ -13,12 +13,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from megatron_cpt.checkpoint import store
 from megatron_cpt.errors import UsageError
-
-EVAL_DIR = "eval"
+from megatron_cpt.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -34,12 +31,9 @@ def _resolve(run_dir: Path, value: str) -> Path:
     return p if p.is_absolute() else (run_dir / p).resolve()
 
 
-def read_run(run_dir: Path) -> dict:
-    cfg_path = Path(run_dir) / "config.yaml"
-    if not cfg_path.is_file():
-        raise UsageError(f"{run_dir} is not a training run folder (no config.yaml); pass the "
-                         "run_dir of a `megatron-cpt train` run")
-    return yaml.safe_load(cfg_path.read_text())
+def read_run(run_dir: Path):
+    """The run's ``TrainConfig`` (UsageError when ``run_dir`` is not a run folder)."""
+    return RunFolder(run_dir).train_config()
 
 
 def scored_points(run_dir: Path, selection: str = "all") -> list[ScoredPoint]:
@@ -48,10 +42,10 @@ def scored_points(run_dir: Path, selection: str = "all") -> list[ScoredPoint]:
     run_dir = Path(run_dir)
     cfg = read_run(run_dir)
     points = []
-    pretrained = cfg.get("model", {}).get("pretrained")
+    pretrained = cfg.model.pretrained
     if pretrained and store.is_checkpoint(_resolve(run_dir, pretrained)):
         points.append(ScoredPoint(0, _resolve(run_dir, pretrained), 0.0, 0.0))
-    for ckpt in sorted((run_dir / "checkpoints").glob("iter_*")):
+    for ckpt in sorted(RunFolder(run_dir).checkpoints.glob("iter_*")):
         if not store.is_checkpoint(ckpt):
             continue
         meta = store.read_metadata(ckpt)
@@ -71,10 +65,6 @@ def scored_points(run_dir: Path, selection: str = "all") -> list[ScoredPoint]:
         raise UsageError(f"no checkpoint for iterations {sorted(missing)} in {run_dir}; "
                          f"available: {[p.iteration for p in points]}")
     return [p for p in points if p.iteration in wanted]
-
-
-def result_path(run_dir: Path, iteration: int) -> Path:
-    return Path(run_dir) / EVAL_DIR / f"{iteration:07d}.json"
 
 
 def validation_losses(model, model_cfg, prefixes: dict[str, Path], seq_length: int,
@@ -133,14 +123,12 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
 
     from eval.scoring import evaluate_checkpoint, task_manager, write_json
 
-    run_dir = Path(run_dir)
+    run_dir, run = Path(run_dir), RunFolder(run_dir)
     cfg = read_run(run_dir)
     points = [p for p in scored_points(run_dir, selection)
-              if not result_path(run_dir, p.iteration).is_file()]
-    prefixes = {v.get("name") or Path(v["prefix"]).name: _resolve(run_dir, v["prefix"])
-                for v in cfg.get("data", {}).get("valid", [])}
-    seq_length = int(cfg.get("data", {}).get("seq_length", 1024))
-    (run_dir / EVAL_DIR).mkdir(exist_ok=True)
+              if not run.eval_result(p.iteration).is_file()]
+    prefixes = {v.name or Path(v.prefix).name: _resolve(run_dir, v.prefix) for v in cfg.data.valid}
+    run.eval_dir.mkdir(exist_ok=True)
     scored = []
     manager = task_manager(tasks_dir, tasks) if points else None  # built once per run
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -149,7 +137,7 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
                                      batch_size=batch_size, limit=limit, keep_model=True,
                                      manager=manager)
         model, model_cfg, summary = result["model"], result["model_cfg"], result["summary"]
-        valid = validation_losses(model, model_cfg, prefixes, seq_length, valid_sequences)
+        valid = validation_losses(model, model_cfg, prefixes, cfg.data.seq_length, valid_sequences)
         if dist.get_rank() == 0:
             exams: dict[str, dict] = {}
             for task, metrics in summary["metrics"].items():
@@ -157,11 +145,11 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
                 exams.setdefault(exam, {})[split] = metrics
             record = {"iteration": point.iteration, "tokens": point.tokens, "flops": point.flops,
                       "checkpoint": str(point.ckpt), "exams": exams, "valid": valid}
-            with (run_dir / EVAL_DIR / f"{point.iteration:07d}.questions.jsonl").open("w") as f:
+            with run.eval_questions(point.iteration).open("w") as f:
                 for task, recs in summary["samples"].items():
                     for rec in recs:
                         f.write(json.dumps({"task": task, **rec}) + "\n")
-            write_json(result_path(run_dir, point.iteration), record)  # last: marks it done
+            write_json(run.eval_result(point.iteration), record)  # last: marks it done
         dist.barrier()
         scored.append(point.iteration)
     return scored

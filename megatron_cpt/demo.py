@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,10 +23,11 @@ import zlib
 from pathlib import Path
 
 from megatron_cpt.launch.study import REPO_ROOT
+from megatron_cpt.run_folder import RunFolder
 
 STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
-VALID_EVERY = 8          # every 8th document (by id hash) of a corpus is held out
+VALID_EVERY = 8          # 1/8 of each corpus (by id hash, `prep split`) is held out
 BASE_ITERATIONS = 80     # brief general pretraining of the random base models
 _INIT_LOCK = threading.Lock()  # torch's global RNG: one random init at a time, or seeds mix
 LOCAL_SLURM_CONF = Path("/tmp/megatron-cpt-slurm/slurm.conf")
@@ -46,11 +48,8 @@ def cli(*args: str, quiet: bool = True) -> None:
         raise SystemExit(f"demo step failed (exit {proc.returncode}): megatron-cpt {' '.join(args)}")
 
 
-def _is_valid(doc_id: str) -> bool:
-    return zlib.crc32(doc_id.encode()) % VALID_EVERY == 0
-
-
 def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> dict:
+    from data_prep.split import split
     from data_prep.tokenize import tokenize
     from megatron_cpt.tiny import train_tokenizer
 
@@ -67,25 +66,20 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> dict:
         f"{', '.join(decontam['removed_items']) or '-'}); hits against the exams' val/test "
         f"questions: {decontam['val_test_hits']}")
 
+    # `prep split` by id hash: a document is in the same split in every corpus, so a page held
+    # out anywhere is trained on nowhere
     splits = out / "splits"
-    splits.mkdir(parents=True, exist_ok=True)
-    docs = {}
-    for corpus in {*corpora, *valid_names}:
-        path = out / "prep" / corpus / "data.jsonl"
-        docs[corpus] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    held_out = {d["id"] for n in valid_names for d in docs[n] if _is_valid(d["id"])}
-    files = {}
-    for corpus in corpora:  # a document held out anywhere is trained on nowhere
-        files[f"{corpus}_train"] = [d for d in docs[corpus] if d["id"] not in held_out]
-    for name in valid_names:
-        files[f"{name}_valid"] = [d for d in docs[name] if _is_valid(d["id"])]
-    for name, rows in files.items():
-        (splits / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fractions = {"train": 1 - 1 / VALID_EVERY, "valid": 1 / VALID_EVERY}
+    for corpus in sorted({*corpora, *valid_names}):
+        split([str(out / "prep" / corpus / "data.jsonl")], str(splits / corpus), fractions)
+    paths = {**{f"{c}_train": splits / c / "train.jsonl" for c in corpora},
+             **{f"{n}_valid": splits / n / "valid.jsonl" for n in valid_names}}
+    files = {n: [json.loads(line) for line in p.read_text().splitlines()] for n, p in paths.items()}
 
     tok = train_tokenizer(out / "tokenizer", vocab_size=1024,
                           texts=[d["text"] for d in files["general_train"]])
-    for name, rows in files.items():
-        tokenize([str(splits / f"{name}.jsonl")], str(tok), str(out / "data" / name), workers=1,
+    for name, path in paths.items():
+        tokenize([str(path)], str(tok), str(out / "data" / name), workers=1,
                  progress=False)
     sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
              for n in files}
@@ -115,16 +109,14 @@ def base_model(out: Path, model: str, seed: int) -> str:
                       tokenizer_dir=out / "tokenizer")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-random-hf"),
         "--out", str(base / f"{model}-random"), "--force")
-    run = base / f"{model}-pretrain"
-    cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run}",
+    run = RunFolder(base / f"{model}-pretrain")
+    cli("train", "--config", str(TRAIN_CONFIG), f"run_dir={run.path}",
         f"model.pretrained={base / f'{model}-random'}",
         f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
         f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
         f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    valid = [r["loss"] for r in records if r["kind"] == "valid"]
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    cli("convert", "mcore-to-hf", "--ckpt", str(run / "checkpoints" / latest),
+    valid = [r["loss"] for r in run.metrics() if r["kind"] == "valid"]
+    cli("convert", "mcore-to-hf", "--ckpt", str(run.checkpoints / run.latest_name()),
         "--out", str(base / f"{model}-hf"), "--force")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-hf"),
         "--out", str(out / "checkpoints" / model), "--name", model, "--force")
@@ -186,9 +178,9 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     from megatron_cpt.report.render import summary_table
 
     out = out.resolve()
-    os.environ.update(MCPT_STUDY_DIR=str(out / "study"), MCPT_DATA_ROOT=str(out / "data"),
-                      MCPT_CKPT_ROOT=str(out / "checkpoints"))
-    study = StudyConfig.load(STUDY)
+    # the demo's roots, passed explicitly (the caller's MCPT_* variables do not apply)
+    study = dataclasses.replace(StudyConfig.load(STUDY, use_env=False), study_dir=out / "study",
+                                data_root=out / "data", checkpoint_root=out / "checkpoints")
     cells = study.cells(sizes=sizes, corpora=corpora)
     chosen = {c.size.name: c.size for c in cells}
     needed = sorted({c.corpus for c in cells} | {"general"})

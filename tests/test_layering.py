@@ -3,7 +3,8 @@
     apps      megatron_cpt/cli, launch, report, demo.py, __main__.py
     training  megatron_cpt/training
     stages    data_prep, eval, megatron_cpt/tiny.py
-    ground    megatron_cpt/errors.py, config_loader.py, run_folder.py, runtime, models, checkpoint
+    ground    megatron_cpt/errors.py, config_loader.py, run_folder.py, runtime, models, checkpoint,
+              training/config.py (the typed schema of a run's config.yaml)
 
 No import (module level or inside a function) may point to a higher layer, and Megatron-core
 private attributes (``x._name = ...`` / ``setattr(x, "_name", ...)``) are assigned only under
@@ -22,6 +23,8 @@ LAYERS = {  # path prefix (relative to the repo) -> layer; the longest matching 
     "megatron_cpt/__init__.py": 0, "megatron_cpt/errors.py": 0, "megatron_cpt/config_loader.py": 0,
     "megatron_cpt/run_folder.py": 0, "megatron_cpt/runtime/": 0, "megatron_cpt/models/": 0,
     "megatron_cpt/checkpoint/": 0,
+    # the typed schema of a run folder's config.yaml: read by run_folder (ground) and by eval
+    "megatron_cpt/training/config.py": 0,
     "data_prep/": 1, "eval/": 1, "megatron_cpt/tiny.py": 1,
     "megatron_cpt/training/": 2,
     "megatron_cpt/cli/": 3, "megatron_cpt/launch/": 3, "megatron_cpt/report/": 3,

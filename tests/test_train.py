@@ -96,7 +96,7 @@ def single(toy, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dp2(toy, tmp_path_factory) -> Path:
     # validation every 5 iterations (forward only; it must not change the training losses)
-    return run_once("dp2", toy, tmp_path_factory, 2, ["eval.interval_tokens=2560"])
+    return run_once("dp2", toy, tmp_path_factory, 2, ["validation.interval_tokens=2560"])
 
 
 def test_30_steps_loss_decreases_and_step0_matches_transformers(single, toy):

@@ -72,17 +72,22 @@ def test_flops_per_token_formula():
     assert b2.iterations == b.iterations
 
 
-def test_plan_run_and_grid(tmp_path, capsys):
+def test_plan_run_and_study(capsys):
     assert main(["plan", "--config", str(EXAMPLE_7B), "--model", "qwen2.5-7b", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["iterations"] > 0 and rows[0]["gpu_hours"] > 0
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(f"base: {EXAMPLE_7B}\nbudget: {{tokens: 1.0e9}}\n"
-                    "domains: [legal, medical, general]\n"
-                    "sizes:\n  qwen2.5-1.5b: {gpus: 8}\n  qwen2.5-7b: {gpus: 16}\n")
-    assert main(["plan", "--grid", str(grid)]) == 0
-    out = capsys.readouterr().out
-    assert "qwen2.5-7b/medical" in out and "total:" in out
+    study = str(ROOT / "configs" / "study.yaml")
+    assert main(["plan", "--study", study, "--sizes", "7b", "--domains", "medical"]) == 0
+    planned = capsys.readouterr().out
+    assert "7b/medical" in planned and "total:" in planned
+    # one planner: `launch grid --dry-run` prints the very same table
+    assert main(["launch", "grid", "--study", study, "--sizes", "7b", "--domains", "medical",
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out == planned
+    assert main(["plan", "--study", study, "--sizes", "7b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["cell"] for r in rows} >= {"general", "medical"}
+    assert all(r["gpu_hours"] > 0 for r in rows)
 
 
 def test_check_passes_on_valid_config(toy, tmp_path, monkeypatch, capsys):
@@ -172,9 +177,9 @@ def test_stop_flag_signals_and_walltime(monkeypatch):
 
     from megatron_cpt.training import signals
 
-    assert signals._parse_slurm_duration("1-02:03:04") == 86400 + 7384
-    assert signals._parse_slurm_duration("05:06") == 306
-    assert signals._parse_slurm_duration("UNLIMITED") is None
+    assert signals.parse_slurm_duration("1-02:03:04") == 86400 + 7384
+    assert signals.parse_slurm_duration("05:06") == 306
+    assert signals.parse_slurm_duration("UNLIMITED") is None
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
     flag = signals.StopFlag(exit_before_walltime_min=10).install()
@@ -188,7 +193,6 @@ def test_stop_flag_signals_and_walltime(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 300))  # 5 min left
     assert signals.StopFlag(exit_before_walltime_min=10).local_code() == 1.0
     assert signals.StopFlag(exit_before_walltime_min=1).local_code() == 0.0
-    assert signals.EXIT_REQUEUE == 42 and signals.EXIT_USAGE == 2 and signals.EXIT_NONFINITE == 3
 
 
 class _FakeOptimizer:
@@ -226,3 +230,15 @@ def test_retention_keeps_last_k_and_evaluation_grid(tmp_path):
     _retain(tmp_path, keep_last=2, keep_iterations={20, 40})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         iter_name(i) for i in (20, 40, 50, 60)]
+
+
+def test_fault_hooks_read_only_their_own_point(monkeypatch):
+    from megatron_cpt.training import fault_hooks
+
+    monkeypatch.delenv(fault_hooks.FAULT_ENV, raising=False)
+    assert fault_hooks.planned("nan_loss") is None
+    monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@7")
+    assert fault_hooks.planned("nan_loss") == 7 and fault_hooks.planned("crash_in_save") is None
+    fault_hooks.crash_if_planned("crash_in_save", 7)  # another point: returns
+    monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@x")
+    assert fault_hooks.planned("nan_loss") is None

@@ -12,6 +12,8 @@ Outputs (deterministic for a given seed):
   seed_labeled.jsonl   labeled seed set: {"id", "text", "label"} over legal/medical/accounting/other
   web_sample.jsonl     a mixed "web" sample: {"id", "text", "url"}; includes a few bad lines on purpose
                        (malformed JSON, missing text, empty text) to show the drop accounting
+  web_mirror.jsonl     a second "crawl" for the full pipeline (configs/data/sample_full.yaml): exact and
+                       edited copies of web_sample pages (dedup), Portuguese and Spanish pages (language)
   exam_sample.jsonl    a handful of exam items ({"id", "domain", "question", "choices", "answer"}) used by
                        the sample filter config for decontamination; the real exams belong to eval/
 """
@@ -325,7 +327,38 @@ def generate(out_dir: str = HERE, seed: int = 1234, per_label: int = 100, web_do
     web_lines.insert(300, {"id": "web-empty", "text": "   "})
     n_web = write_jsonl(os.path.join(out_dir, "web_sample.jsonl"), web_lines)
     n_exam = write_jsonl(os.path.join(out_dir, "exam_sample.jsonl"), EXAM_ITEMS)
-    return {"seed_labeled": n_lab, "web_sample": n_web, "exam_sample": n_exam}
+    n_mirror = write_mirror(out_dir, web, seed)
+    return {"seed_labeled": n_lab, "web_sample": n_web, "exam_sample": n_exam, "web_mirror": n_mirror}
+
+
+OTHER_LANGUAGE_PAGES = [
+    ("pt", "O tribunal decidiu que o contrato de compra e venda era nulo, porque faltava a escritura pública "
+           "exigida pela lei. As partes devem devolver o que receberam e o vendedor responde pelos prejuízos."),
+    ("pt", "A paciente chegou ao hospital com febre alta e dor de cabeça. O médico pediu exames de sangue e "
+           "recomendou repouso, muita água e acompanhamento diário até a melhora dos sintomas."),
+    ("es", "El tribunal confirmó la sentencia y condenó a la empresa a pagar una indemnización a los "
+           "trabajadores despedidos sin causa justificada durante el último año."),
+]
+
+
+def write_mirror(out_dir: str, web: list[dict], seed: int) -> int:
+    """Mirrored pages (3 exact copies, 3 copies with one word changed, one of them a page quoting an
+    exam item) and 3 pages in other languages, as a second crawl of the same sites would have."""
+    rng = random.Random(seed + 1)
+    long_pages = [w for w in web if len(w["text"].split()) >= 80 and not w["id"].startswith("web-leak")]
+    rows = []
+    for k, page in enumerate(rng.sample(long_pages, 3)):
+        rows.append({"id": f"mirror-exact-{k}", "text": page["text"], "url": page["url"].replace("example.org",
+                                                                                                 "mirror.example")})
+    leak = next(w for w in web if w["id"] == "web-leak-0")
+    for k, page in enumerate(rng.sample(long_pages, 2) + [leak]):
+        words = page["text"].split(" ")
+        words[rng.randrange(len(words))] = "indeed"
+        rows.append({"id": f"mirror-edited-{k}", "text": " ".join(words), "url": page["url"] + "?ref=mirror"})
+    for k, (lang, text) in enumerate(OTHER_LANGUAGE_PAGES):
+        rows.append({"id": f"mirror-{lang}-{k}", "text": text, "url": f"https://example.{lang}/page/{k}"})
+    rng.shuffle(rows)
+    return write_jsonl(os.path.join(out_dir, "web_mirror.jsonl"), rows)
 
 
 if __name__ == "__main__":

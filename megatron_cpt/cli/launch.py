@@ -52,22 +52,15 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from megatron_cpt.launch.grid import plan, submit_grid
+    from megatron_cpt.launch.grid import submit_grid
     from megatron_cpt.launch.study import StudyConfig
 
     study = StudyConfig.load(args.study)
     cells = study.cells(args.sizes, args.domains)
-    if args.dry_run:
-        rows = plan(cells, args.mfu, args.peak_tflops)
-        print(f"{'cell':<24} {'model':<14} {'TPxPP':>6} {'nodes':>5} {'ranks':>5} {'time':>11} "
-              f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8}")
-        for r in rows:
-            print(f"{r['size'] + '/' + r['cell']:<24} {r['model']:<14} {r['tp']}x{r['pp']:<4} "
-                  f"{r['nodes']:>5} {r['tasks']:>5} {r['time']:>11} {r['tokens']:>10.3e} "
-                  f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f}")
-        print(f"total: {sum(r['gpu_hours'] for r in rows):.1f} GPU-hours at MFU {args.mfu:.2f}; "
-              f"runs under {study.study_dir}; nothing submitted (--dry-run)")
-        return 0
+    if args.dry_run:  # the same planner as `megatron-cpt plan --study`
+        from megatron_cpt.cli.plan import print_study_plan
+
+        return print_study_plan(study, cells, args.mfu, args.peak_tflops)
     submit_grid(study, cells, kind=args.executor, evaluate=not args.no_eval)
     print(f"study folder: {study.study_dir}  (megatron-cpt launch status --study {args.study})")
     return 0

@@ -1,4 +1,7 @@
-"""``megatron-cpt plan``: what a run (or a whole study grid) costs, before launching it."""
+"""``megatron-cpt plan``: what a run (or the whole study grid) costs, before launching it.
+
+``plan --study`` and ``launch grid --dry-run`` are one planner: both print
+:func:`print_study_plan` over :func:`megatron_cpt.launch.grid.cost_rows` of the study YAML."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +12,15 @@ from pathlib import Path
 def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
         "Print tokens, FLOPs, iterations, checkpoint iterations and estimated GPU-hours of a "
-        "training config (--config) or of every cell of a study grid (--grid). FLOPs per token "
-        "follow Megatron-LM's formula (docs/training.md)."))
+        "training config (--config) or of every cell of the study grid (--study, the same table "
+        "as `launch grid --dry-run`). FLOPs per token follow Megatron-LM's formula "
+        "(docs/training.md)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="training YAML")
-    src.add_argument("--grid", type=Path, help="grid YAML: base config, sizes x domains")
+    src.add_argument("--study", type=Path, help="study YAML (configs/study.yaml): every cell")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides (--config)")
+    p.add_argument("--sizes", nargs="+", help="--study: subset of the study's sizes")
+    p.add_argument("--domains", nargs="+", help="--study: subset of the corpora")
     p.add_argument("--model", help="architecture name or YAML when model.pretrained does not "
                    "exist yet (default: the checkpoint's model.yaml)")
     p.add_argument("--gpus", type=int, help="GPUs of the run (default: TP x PP)")
@@ -42,58 +48,38 @@ def _model_for(cfg, name: str | None):
                      "--model NAME (e.g. qwen2.5-7b) to plan without it")
 
 
-def plan_row(cfg, model, gpus: int | None, mfu: float, peak: float) -> dict:
-    from megatron_cpt.training.budget import compute_budget, gpu_hours
+def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool = False) -> int:
+    """The grid's cells with resources, tokens, FLOPs and GPU-hours; submits nothing."""
+    from megatron_cpt.launch.grid import cost_rows
 
-    bud = compute_budget(model, cfg.data.seq_length, cfg.batch.global_batch_size,
-                         tokens=cfg.budget.tokens, flops=cfg.budget.flops,
-                         iterations=cfg.budget.iterations,
-                         checkpoint_every_tokens=cfg.checkpoint.every_tokens,
-                         save_at_end=cfg.checkpoint.save_at_end)
-    gpus = gpus or cfg.parallel.tp * cfg.parallel.pp
-    hours = gpu_hours(bud, gpus, peak, mfu)
-    return {"model": model.name, "params": model.num_parameters(), "gpus": gpus,
-            "seq_length": cfg.data.seq_length, "global_batch_size": cfg.batch.global_batch_size,
-            "flops_per_token": bud.flops_per_token, "iterations": bud.iterations,
-            "tokens": bud.tokens, "flops": bud.flops, "checkpoints": len(bud.checkpoint_iterations),
-            "checkpoint_every_iters": bud.checkpoint_every_iters, "gpu_hours": hours,
-            "wall_hours": hours / gpus, "mfu": mfu}
-
-
-def _grid_rows(path: Path, args) -> list[dict]:
-    import yaml
-
-    from megatron_cpt.errors import UsageError
-    from megatron_cpt.training.config import TrainConfig
-
-    if not path.is_file():
-        raise UsageError(f"grid file {path} not found")
-    grid = yaml.safe_load(path.read_text()) or {}
-    if "base" not in grid or "sizes" not in grid:
-        raise UsageError(f"{path}: a grid needs `base:` (training YAML) and `sizes:`")
-    rows = []
-    domains = grid.get("domains") or ["run"]
-    for size, spec in grid["sizes"].items():
-        spec = spec or {}
-        overrides = list(spec.get("overrides", []))
-        overrides += [f"budget.{k}={v}" for k, v in (grid.get("budget") or {}).items()]
-        cfg = TrainConfig.load(path.parent / grid["base"], overrides)
-        model = _model_for(cfg, spec.get("model", size))
-        for dom in domains:
-            row = plan_row(cfg, model, spec.get("gpus"), args.mfu, args.peak_tflops)
-            rows.append({"cell": f"{size}/{dom}", **row})
-    return rows
+    rows = cost_rows(cells, mfu, peak_tflops)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'cell':<24} {'model':<14} {'TPxPP':>6} {'nodes':>5} {'ranks':>5} {'time':>11} "
+          f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8}")
+    for r in rows:
+        print(f"{r['size'] + '/' + r['cell']:<24} {r['model']:<14} {r['tp']}x{r['pp']:<4} "
+              f"{r['nodes']:>5} {r['tasks']:>5} {r['time']:>11} {r['tokens']:>10.3e} "
+              f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f}")
+    print(f"total: {sum(r['gpu_hours'] for r in rows):.1f} GPU-hours at MFU {mfu:.2f}; "
+          f"runs under {study.study_dir}; nothing submitted")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megatron_cpt.training.budget import cost_estimate
     from megatron_cpt.training.config import TrainConfig
 
-    if args.grid:
-        rows = _grid_rows(args.grid, args)
-    else:
-        cfg = TrainConfig.load(args.config, args.overrides)
-        rows = [{"cell": Path(cfg.run_dir).name,
-                 **plan_row(cfg, _model_for(cfg, args.model), args.gpus, args.mfu, args.peak_tflops)}]
+    if args.study:
+        from megatron_cpt.launch.study import StudyConfig
+
+        study = StudyConfig.load(args.study)
+        return print_study_plan(study, study.cells(args.sizes, args.domains), args.mfu,
+                                args.peak_tflops, args.json)
+    cfg = TrainConfig.load(args.config, args.overrides)
+    rows = [{"cell": Path(cfg.run_dir).name, **cost_estimate(
+        cfg, _model_for(cfg, args.model), args.gpus, args.mfu, args.peak_tflops)}]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -4,15 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_cpt.run_folder import EXIT_CODES
+
 
 def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
         "Continue pretraining a converted checkpoint under a compute budget. Start it with "
         "torchrun or srun (TP x PP x DP processes). The first launch loads model.pretrained; "
         "every later launch of the same run_dir resumes its latest checkpoint. Exit codes: "
-        "0 done, 2 configuration error, 3 non-finite loss (checkpoint of the last good step "
-        "written), 42 stopped by a signal / walltime / stop_after_iterations (checkpoint "
-        "written; requeue the same command)."))
+        + "; ".join(f"{e.code} {e.meaning}" for e in EXIT_CODES.values()) + "."))
     p.add_argument("--config", type=Path, required=True, help="training YAML (configs/train/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optimizer.lr=1e-4 budget.tokens=2e9")
@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.check:
-        from megatron_cpt.training.validate import prepare
+        from megatron_cpt.training.preflight import prepare
 
         plan = prepare(cfg, force=args.force)
         print(f"ok: {plan.budget.iterations} iterations, DP={plan.dp}, "

@@ -3,11 +3,12 @@ spec each, one element per corpus), each cell's evaluation chained ``afterok`` o
 training element.
 
 Requeue: the trainer owns the signals (SIGUSR1/USR2/TERM -> every rank saves one checkpoint
-together and exits 42). :class:`TrainCell` turns exit 42 into ``scontrol requeue`` of the same
-job id, so the run folder, the array element and the ``afterok`` dependency of its evaluation
-all stay valid; the requeued job runs the same pickled callable and resumes the latest
-checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own USR2 handler (a signal that
-arrives before or after the trainer's handlers are installed) by resubmitting the same cell.
+together and exits with ``run_folder.EXIT_REQUEUE``). :class:`TrainCell` turns that into
+``scontrol requeue`` of the same job id, so the run folder, the array element and the
+``afterok`` dependency of its evaluation all stay valid; the requeued job runs the same pickled
+callable and resumes the latest checkpoint. :meth:`TrainCell.checkpoint` covers submitit's own
+USR2 handler (a signal that arrives before or after the trainer's handlers are installed) by
+resubmitting the same cell.
 """
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_cpt import run_folder as rf
 from megatron_cpt.errors import UsageError
 from megatron_cpt.launch.study import Cell, StudyConfig, check_inputs, check_resources, \
     write_study_json
-
-EXIT_REQUEUE = 42
+from megatron_cpt.training.signals import parse_slurm_duration
 
 
 def _minutes(slurm_time: str) -> int:
-    from megatron_cpt.training.signals import _parse_slurm_duration
-
-    seconds = _parse_slurm_duration(slurm_time)
+    seconds = parse_slurm_duration(slurm_time)
     if seconds is None:
         raise UsageError(f"cannot read time limit '{slurm_time}'; use [D-]HH:MM:SS")
     return max(1, int(seconds // 60))
@@ -56,18 +55,20 @@ class TrainCell:
         cfg = TrainConfig.load(self.train_config, self.overrides)
         code = train(cfg)
         job = submitit.JobEnvironment()
-        if code == EXIT_REQUEUE and job.cluster == "slurm":
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        decision = rf.requeue_decision(code, restarts, self.max_requeues)
+        if decision == rf.FAILED:
+            raise RuntimeError(f"{self.cell}: trainer exited {code} "
+                               f"(see {rf.RunFolder(cfg.run_dir).metrics_path})")
+        if code == rf.EXIT_REQUEUE and job.cluster == "slurm":
             if job.global_rank == 0:
-                restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-                if restarts >= self.max_requeues:
+                if decision == rf.GIVE_UP:
                     raise RuntimeError(f"{self.cell}: stopped early again after {restarts} requeues")
                 print(f"{self.cell}: checkpoint saved, requeueing job {job.job_id}", flush=True)
                 # fails harmlessly when SLURM is already requeueing it (preemption)
                 subprocess.run(["scontrol", "requeue", job.job_id], timeout=60)
             # SLURM now stops this job and starts it again; returning would record a result
             time.sleep(3600)
-        if code not in (0, EXIT_REQUEUE):
-            raise RuntimeError(f"{self.cell}: trainer exited {code} (see {cfg.run_dir}/metrics.jsonl)")
         return {"cell": self.cell, "exit_code": code, "run_dir": cfg.run_dir}
 
     def checkpoint(self, *args, **kwargs):
@@ -125,17 +126,17 @@ def eval_job(cell: Cell) -> EvalCell:
                     ev.limit, ev.valid_sequences, threads=ev.cpus)
 
 
-def plan(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
-    """Cells with resources, tokens, FLOPs and GPU-hours (the --dry-run table)."""
-    from megatron_cpt.cli.plan import plan_row
+def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
+    """Cells with resources, tokens, FLOPs and GPU-hours (``plan --study`` and ``--dry-run``)."""
     from megatron_cpt.models.qwen2 import ModelConfig
+    from megatron_cpt.training.budget import cost_estimate
 
     rows = []
     for cell in cells:
         check_resources(cell)
         cfg = cell.train_config()
-        row = plan_row(cfg, ModelConfig.load(cell.size.model), cell.gpus or cell.world_size,
-                       mfu, peak_tflops)
+        row = cost_estimate(cfg, ModelConfig.load(cell.size.model), cell.gpus or cell.world_size,
+                            mfu, peak_tflops)
         rows.append({**cell.describe(), "time": cell.size.time, **{
             k: row[k] for k in ("params", "tokens", "flops", "iterations", "gpu_hours", "wall_hours")}})
     return rows
@@ -184,23 +185,23 @@ ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 
 def _unscored(cell: Cell) -> int:
     """Checkpoints (and the base model) of a run without an evaluation result yet."""
-    from eval.run import result_path, scored_points
+    from eval.run import scored_points
 
-    return sum(not result_path(cell.run_dir, p.iteration).is_file()
-               for p in scored_points(cell.run_dir))
+    run = rf.RunFolder(cell.run_dir)
+    return sum(not run.eval_result(p.iteration).is_file() for p in scored_points(run.path))
 
 
 def _already(cell: Cell, launches: dict) -> str | None:
     """Why a cell must not be submitted again: its job is still queued or running (two jobs
     on one run folder would corrupt it), or its run is done."""
-    from megatron_cpt.launch.status import run_progress, slurm_job
+    from megatron_cpt.launch.status import slurm_job
 
     job_id = (launches.get(cell.name) or {}).get("train_job")
     state = slurm_job(job_id).get("JobState", "")
     if state in ACTIVE_STATES:
         return f"job {job_id} is {state}"
-    exit_status = run_progress(cell.run_dir)["exit"]
-    if exit_status and exit_status["code"] == 0:
+    exit_status = rf.RunFolder(cell.run_dir).exit_status()
+    if exit_status and exit_status.get("code") == rf.EXIT_OK:
         return "done"
     return None
 
@@ -257,17 +258,19 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
 
 
 def _run_local(study, cell, train_ex, evaluate, launches, log) -> None:
-    """Without SLURM: run the cell, requeue it in place while it exits 42, then evaluate."""
+    """Without SLURM: run the cell, requeue it in place while the trainer asks for it
+    (:func:`run_folder.requeue_decision`), then evaluate."""
     restarts = 0
     while True:
         job = train_ex.submit(train_job(cell))
         log(f"{cell.name:<24} local job {job.job_id} (restart {restarts})")
-        result = job.results()[0]  # one result per task; rank 0's speaks for the cell
-        if result["exit_code"] == 0:
+        code = job.results()[0]["exit_code"]  # one result per task; rank 0's speaks for the cell
+        decision = rf.requeue_decision(code, restarts, study.resources.max_requeues)
+        if decision == rf.FINISHED:
             break
+        if decision != rf.REQUEUE:
+            raise RuntimeError(f"{cell.name}: trainer exited {code} after {restarts} requeues")
         restarts += 1
-        if restarts > study.resources.max_requeues:
-            raise RuntimeError(f"{cell.name}: stopped early {restarts} times")
     launches[cell.name] = {"train_job": job.job_id, "executor": "local", "restarts": restarts,
                            "finished": time.time()}
     if evaluate:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_cpt import run_folder as rf
 from megatron_cpt.launch.study import REPO_ROOT, Cell, StudyConfig, check_resources
 
 
@@ -58,7 +59,8 @@ def render(cell: Cell) -> str:
 # edit the study config and re-render instead of editing this file.
 #
 # Submit from the repository root:   sbatch {"slurm/" + script_name(cell)}
-# Resumes by itself: the trainer saves and exits 42 on SIGUSR1 ({size.signal_s} s before the time
+# Resumes by itself: the trainer saves and exits {rf.EXIT_REQUEUE} on SIGUSR1 \
+({size.signal_s} s before the time
 # limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
 # the same job, which continues from the latest checkpoint in the same run folder.
 #
@@ -93,29 +95,20 @@ if [ -n "${{MCPT_CONTAINER_IMAGE:-}}" ]; then
 fi
 export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
+export MASTER_PORT="{rf.MASTER_PORT_SHELL}"
 echo "[$(date -u +%FT%TZ)] {job}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST -> $RUN_DIR"
 
-rm -f "$RUN_DIR/exit_status.json"
+rm -f "$RUN_DIR/{rf.EXIT_STATUS}"
 srun --kill-on-bad-exit=1 ${{CONTAINER[@]+"${{CONTAINER[@]}}"}} \\
   "$PYTHON" -m megatron_cpt train --config "{_in_repo(study.train_config)}" \\
     {override_lines}
 rc=$?
 # The trainer's own verdict (rank 0 writes it before the ranks leave together): srun's code can
-# be a kill, because --kill-on-bad-exit stops the slower ranks once one has exited 42.
-code="$(sed -n 's/.*"code": *\\([0-9]*\\).*/\\1/p' "$RUN_DIR/exit_status.json" 2>/dev/null)"
+# be a kill, because --kill-on-bad-exit stops the slower ranks once one has exited {rf.EXIT_REQUEUE}.
+code="$(sed -n 's/.*"code": *\\([0-9]*\\).*/\\1/p' "$RUN_DIR/{rf.EXIT_STATUS}" 2>/dev/null)"
 code="${{code:-$rc}}"
 
-if [ "$code" -eq 42 ]; then
-  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge "$MAX_REQUEUES" ]; then
-    echo "{job}: stopped early again after $MAX_REQUEUES requeues; not requeueing (see $RUN_DIR/metrics.jsonl)" >&2
-    exit 1
-  fi
-  echo "[$(date -u +%FT%TZ)] {job}: checkpoint saved, requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
-fi
-exit "$code"
+{rf.requeue_shell(job)}
 """
 
 

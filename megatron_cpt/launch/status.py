@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from megatron_cpt import run_folder as rf
 from megatron_cpt.launch.study import Cell, StudyConfig
 
 
@@ -30,29 +31,16 @@ def slurm_job(job_id: str | None) -> dict:
 
 def run_progress(run_dir: Path) -> dict:
     """Iterations, tokens and loss of the last train record; resume events; exit status."""
-    last, resumes, budget = None, 0, None
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("kind") == "train":
-                last = rec
-            elif rec.get("event") == "resume":
-                resumes += 1
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        budget = (json.loads(run_json.read_text()).get("budget") or {}).get("iterations")
-    status_file = run_dir / "exit_status.json"
-    exit_status = json.loads(status_file.read_text()) if status_file.is_file() else None
-    latest = run_dir / "checkpoints" / "latest"
-    evals = sorted((run_dir / "eval").glob("[0-9]*[0-9].json")) if (run_dir / "eval").is_dir() else []
+    run = rf.RunFolder(run_dir)
+    records = run.metrics()
+    trains = [r for r in records if r.get("kind") == "train"]
+    last = trains[-1] if trains else None
+    resumes = sum(r.get("event") == "resume" for r in records)
+    budget = ((run.run_info() or {}).get("budget") or {}).get("iterations")
     return {"iteration": last["iteration"] if last else 0, "iterations": budget,
             "tokens": last["tokens"] if last else 0.0, "loss": last["loss"] if last else None,
-            "checkpoint": latest.read_text().strip() if latest.is_file() else None,
-            "resumes": resumes, "exit": exit_status, "evals": len(evals)}
+            "checkpoint": run.latest_name(), "resumes": resumes, "exit": run.exit_status(),
+            "evals": len(run.eval_results())}
 
 
 def _state(slurm: dict, progress: dict, launched: bool) -> str:
@@ -60,7 +48,7 @@ def _state(slurm: dict, progress: dict, launched: bool) -> str:
         return slurm["JobState"]
     exit_status = progress["exit"]
     if exit_status:
-        return {0: "DONE", 3: "NONFINITE", 42: "STOPPED"}.get(exit_status["code"], "FAILED")
+        return rf.exit_state(exit_status.get("code"))
     if progress["iteration"]:
         return "INCOMPLETE"
     return "SUBMITTED" if launched else "NOT LAUNCHED"

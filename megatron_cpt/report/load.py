@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_cpt.errors import UsageError
+from megatron_cpt.run_folder import EVAL_DIR, RunFolder
 
 GENERAL = "general"
 CONTROL_PREFIX = "control_"
-EVAL_DIR = "eval"
-_EVAL_FILE = re.compile(r"^(\d+)\.json$")
 
 
 def score_metric(exam: str) -> str:
@@ -123,13 +122,11 @@ def size_key(size: str, params: float | None) -> tuple:
 
 def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
     """Parameters of the run's pretrained checkpoint (``model.pretrained`` in config.yaml)."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
+    run = RunFolder(run_dir)
+    if not run.config_path.is_file():
         return None
     try:
-        import yaml
-
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = run.config_dict()
         pretrained = (cfg.get("model") or {}).get("pretrained")
         if not pretrained:
             return None
@@ -146,24 +143,19 @@ def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
 
 def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int, Path]]:
     points, questions = [], {}
-    edir = run_dir / EVAL_DIR
-    if not edir.is_dir():
-        return points, questions
-    for f in sorted(edir.iterdir()):
-        m = _EVAL_FILE.match(f.name)
-        if not m:
-            continue
+    run = RunFolder(run_dir)
+    for file_it, f in run.eval_results().items():
         try:
             rec = json.loads(f.read_text())
         except (OSError, ValueError) as exc:
             notes.append(f"{f}: unreadable ({exc}); skipped")
             continue
-        it = int(rec.get("iteration", int(m.group(1))))
+        it = int(rec.get("iteration", file_it))
         valid = {k: float(v["loss"]) for k, v in (rec.get("valid") or {}).items()
                  if isinstance(v, dict) and isinstance(v.get("loss"), (int, float))}
         points.append(Point(it, float(rec.get("tokens") or 0.0), float(rec.get("flops") or 0.0),
                             rec.get("exams") or {}, valid))
-        qf = edir / f"{m.group(1)}.questions.jsonl"
+        qf = run.eval_questions(file_it)
         if qf.is_file():
             questions[it] = qf
     points.sort(key=lambda p: (p.flops, p.iteration))
@@ -213,15 +205,10 @@ def _cells_from_json(root: Path, spec: dict) -> list[dict]:
     return cells
 
 
-def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
-    """Read ``root``. Raises UsageError only when it does not exist or holds no runs at all.
-    Per-question records are read for the exam ``splits`` the bootstrap resamples."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"study folder {root} does not exist")
+def _discover(root: Path) -> tuple[dict, list[dict], list[str]]:
+    """study.json (when readable) and its cells, else the cells found under runs/."""
     spec: dict = {}
     notes: list[str] = []
-    missing: list[str] = []
     if (root / "study.json").is_file():
         try:
             spec = json.loads((root / "study.json").read_text())
@@ -239,10 +226,12 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
     if not any(Path(c["run_dir"]).is_dir() for c in cells):
         raise UsageError(f"{root} has no runs (expected runs/<size>/<cell>/ folders"
                          f"{' or the run_dir of study.json cells' if spec.get('cells') else ''})")
+    return spec, cells, notes
 
-    size_params: dict[str, float | None] = {}
-    for size, v in (spec.get("sizes") or {}).items():
-        size_params[str(size)] = (v or {}).get("params") if isinstance(v, dict) else None
+
+def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: list[str]
+               ) -> tuple[dict[str, Run], dict[str, dict[int, Path]]]:
+    """Each cell's run with its scored points; fills ``size_params`` from the runs' configs."""
     runs: dict[str, Run] = {}
     qfiles: dict[str, dict[int, Path]] = {}
     for c in cells:
@@ -269,25 +258,13 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
         runs[key] = Run(c["size"], c["cell"], c["kind"], c["domain"], rd,
                         float(params) if params else None, points)
         qfiles[key] = qf
+    return runs, qfiles
 
-    domains = list(spec.get("domains") or [])
-    for c in cells:
-        if c["domain"] and c["domain"] not in domains:
-            domains.append(c["domain"])
-    controls = set(spec.get("controls") or []) | {
-        c["domain"] for c in cells if c["kind"] == "control"}
-    sizes = dict(sorted(size_params.items(), key=lambda kv: size_key(kv[0], kv[1])))
-    declared = {f"{c['size']}/{c['cell']}" for c in cells}
-    for size in sizes:
-        expected = [GENERAL] + domains + [f"{CONTROL_PREFIX}{d}" for d in domains if d in controls]
-        for cell in expected:
-            if f"{size}/{cell}" not in declared:
-                missing.append(f"{size}/{cell}: cell not in the study")
-        if sizes[size] is None:
-            notes.append(f"size {size}: parameters unknown (no study.json params, no readable "
-                         "model.pretrained); left out of fits across sizes")
 
-    # per-question correctness aligned on one id list per task, shared by every run
+def _align_correct(runs: dict[str, Run], qfiles: dict[str, dict[int, Path]],
+                   splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Per-question correctness aligned on one id list per task, shared by every run.
+    Returns the id lists and each task's chance accuracy (mean 1 / choices)."""
     n_choices: dict[str, dict] = {}
     correct = {key: _read_correct(qf, splits, n_choices) for key, qf in qfiles.items()}
     ids: dict[str, set] = {}
@@ -311,6 +288,39 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
                 run.correct[task] = mat
     chance = {t: float(np.mean([1.0 / k for k in per_q.values()]))
               for t, per_q in n_choices.items()}
+    return question_ids, chance
+
+
+def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
+    """Read ``root``. Raises UsageError only when it does not exist or holds no runs at all.
+    Per-question records are read for the exam ``splits`` the bootstrap resamples."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"study folder {root} does not exist")
+    spec, cells, notes = _discover(root)
+    missing: list[str] = []
+    size_params: dict[str, float | None] = {}
+    for size, v in (spec.get("sizes") or {}).items():
+        size_params[str(size)] = (v or {}).get("params") if isinstance(v, dict) else None
+    runs, qfiles = _read_runs(cells, size_params, missing, notes)
+
+    domains = list(spec.get("domains") or [])
+    for c in cells:
+        if c["domain"] and c["domain"] not in domains:
+            domains.append(c["domain"])
+    controls = set(spec.get("controls") or []) | {
+        c["domain"] for c in cells if c["kind"] == "control"}
+    sizes = dict(sorted(size_params.items(), key=lambda kv: size_key(kv[0], kv[1])))
+    declared = {f"{c['size']}/{c['cell']}" for c in cells}
+    for size in sizes:
+        expected = [GENERAL] + domains + [f"{CONTROL_PREFIX}{d}" for d in domains if d in controls]
+        for cell in expected:
+            if f"{size}/{cell}" not in declared:
+                missing.append(f"{size}/{cell}: cell not in the study")
+        if sizes[size] is None:
+            notes.append(f"size {size}: parameters unknown (no study.json params, no readable "
+                         "model.pretrained); left out of fits across sizes")
+    question_ids, chance = _align_correct(runs, qfiles, splits)
     return Study(str(spec.get("name") or root.name), root, runs, sizes, domains, missing,
                  notes, question_ids, sorted(controls), spec.get("primary_formulation") or {},
                  chance)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cpt.run_folder import master_port
 from megatron_cpt.runtime.device import setup_device
 
 
@@ -52,8 +53,7 @@ def read_dist_env() -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job_id = int(env.get("SLURM_JOB_ID", "0"))
-        port = int(env.get("MASTER_PORT", 20000 + job_id % 20000))
+        port = int(env.get("MASTER_PORT", master_port(int(env.get("SLURM_JOB_ID", "0")))))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                        int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR") or _first_slurm_host(), port)

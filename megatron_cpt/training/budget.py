@@ -90,3 +90,21 @@ def gpu_hours(budget: Budget, gpus: int, peak_tflops: float, mfu: float) -> floa
     """Wall-clock hours x GPUs at a model FLOPs utilization ``mfu`` of ``peak_tflops`` per GPU."""
     seconds = budget.flops / (gpus * peak_tflops * 1e12 * mfu)
     return seconds * gpus / 3600.0
+
+
+def cost_estimate(cfg, model: ModelConfig, gpus: int | None, mfu: float, peak: float) -> dict:
+    """Tokens, FLOPs, iterations, checkpoints and GPU-hours of one training config (a
+    ``TrainConfig``) on ``gpus`` GPUs (default TP x PP): one row of ``megatron-cpt plan``."""
+    bud = compute_budget(model, cfg.data.seq_length, cfg.batch.global_batch_size,
+                         tokens=cfg.budget.tokens, flops=cfg.budget.flops,
+                         iterations=cfg.budget.iterations,
+                         checkpoint_every_tokens=cfg.checkpoint.every_tokens,
+                         save_at_end=cfg.checkpoint.save_at_end)
+    gpus = gpus or cfg.parallel.tp * cfg.parallel.pp
+    hours = gpu_hours(bud, gpus, peak, mfu)
+    return {"model": model.name, "params": model.num_parameters(), "gpus": gpus,
+            "seq_length": cfg.data.seq_length, "global_batch_size": cfg.batch.global_batch_size,
+            "flops_per_token": bud.flops_per_token, "iterations": bud.iterations,
+            "tokens": bud.tokens, "flops": bud.flops, "checkpoints": len(bud.checkpoint_iterations),
+            "checkpoint_every_iters": bud.checkpoint_every_iters, "gpu_hours": hours,
+            "wall_hours": hours / gpus, "mfu": mfu}

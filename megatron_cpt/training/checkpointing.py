@@ -32,12 +32,10 @@ import torch.distributed as dist
 
 from megatron_cpt.checkpoint import store
 from megatron_cpt.runtime import mcore_patches
+from megatron_cpt.run_folder import RunFolder
+from megatron_cpt.training import fault_hooks
 
-CHECKPOINTS, LATEST, TRAINER = "checkpoints", "latest", "trainer"
-# test-only fault injection: "crash_in_save@ITER" kills every rank between writing the weights
-# and committing the folder; "nan_loss@ITER" makes the loss of that iteration NaN (loop.py)
-FAULT_ENV = "MEGATRON_CPT_TEST_FAULT"
-FAULT_EXIT = 17
+TRAINER = "trainer"
 
 
 def iter_name(iteration: int) -> str:
@@ -46,16 +44,17 @@ def iter_name(iteration: int) -> str:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The committed checkpoint ``latest`` points at, or None on a fresh run."""
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
+    run = RunFolder(run_dir)
+    name = run.latest_name()
+    if name is None:
         return None
-    ckpt = pointer.parent / pointer.read_text().strip()
+    ckpt = run.checkpoints / name
     return ckpt if store.is_checkpoint(ckpt) else None
 
 
 def clean_stale(run_dir: Path) -> list[str]:
     """Remove half-written checkpoint folders left by a crash (rank 0, before training)."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunFolder(run_dir).checkpoints
     removed = []
     if root.is_dir():
         for p in root.iterdir():
@@ -95,11 +94,6 @@ def _state_dicts(gpt, optimizer, is_loading: bool) -> dict:
                 metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
 
 
-def _fault(point: str, iteration: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec == f"{point}@{iteration}":
-        print(f"[test fault] {point} at iteration {iteration}: exiting {FAULT_EXIT}", flush=True)
-        os._exit(FAULT_EXIT)
 
 
 def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
@@ -109,7 +103,7 @@ def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
 
     mcore_patches.signal_proof_writer_queue()
     rank = dist.get_rank()
-    root = Path(run_dir) / CHECKPOINTS
+    root = RunFolder(run_dir).checkpoints
     final = root / iter_name(iteration)
     tmp = root / f".{iter_name(iteration)}.tmp"
     if rank == 0:
@@ -120,7 +114,7 @@ def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
     dist_checkpointing.save(_state_dicts(gpt, optimizer, is_loading=False), str(tmp / store.WEIGHTS))
     torch.save(_rng_state(), tmp / TRAINER / f"rank_{rank:05d}.pt")
     dist.barrier()
-    _fault("crash_in_save", iteration)
+    fault_hooks.crash_if_planned("crash_in_save", iteration)
     if rank == 0:
         shutil.copy2(Path(pretrained) / store.MODEL_YAML, tmp / store.MODEL_YAML)
         shutil.copytree(Path(pretrained) / store.TOKENIZER, tmp / store.TOKENIZER)
@@ -134,19 +128,20 @@ def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
             final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _write_latest(root, final.name)
+        _write_latest(RunFolder(run_dir).latest_pointer, final.name)
         _retain(root, keep_last, keep_iterations)
     dist.barrier()
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f"{LATEST}.tmp"
+def _write_latest(pointer: Path, name: str) -> None:
+    """The run folder's ``checkpoints/latest``; only this module writes it."""
+    tmp = pointer.with_name(pointer.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
+    os.replace(tmp, pointer)
 
 
 def _retain(root: Path, keep_last: int, keep_iterations: set[int]) -> None:

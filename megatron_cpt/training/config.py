@@ -2,7 +2,7 @@
 
 ``TrainConfig.load(path, ["optimizer.lr=1e-4", ...])`` returns a validated config. Only
 checks that need nothing but the YAML live here (:meth:`TrainConfig.check`); checks that
-need the world size, the checkpoint or the data files live in :mod:`.validate`.
+need the world size, the checkpoint or the data files live in :mod:`.preflight`.
 """
 from __future__ import annotations
 
@@ -109,8 +109,10 @@ class CheckpointSection:
 
 
 @dataclass
-class EvalSection:
-    interval_tokens: float | None = None  # validate every N tokens (None: only at the end)
+class ValidationSection:
+    """Validation loss on data.valid during training (lm-eval scoring is `eval run`)."""
+
+    interval_tokens: float | None = None  # validation loss every N tokens (None: only at the end)
     iters: int = 4                        # micro batches per validation prefix
     at_end: bool = True
 
@@ -127,7 +129,7 @@ class LoggingSection:
 class TrainSection:
     seed: int = 1234
     exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
-    stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit 42
+    stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
 
 
 @dataclass
@@ -143,13 +145,17 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     budget: BudgetSection = field(default_factory=BudgetSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     train: TrainSection = field(default_factory=TrainSection)
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], doc: YamlDoc | None = None) -> "TrainConfig":
+        if "eval" in (data or {}):
+            msg = ("the training config section `eval:` is now called `validation:` "
+                   "(validation loss settings); rename it (overrides: validation.KEY=...)")
+            raise doc.error(("eval",), msg) if doc is not None else UsageError(msg)
         return build(cls, data or {}, doc)
 
     @classmethod
@@ -181,7 +187,7 @@ class TrainConfig:
         """Hash of every setting that changes the trained weights (not logging, retention,
         walltime or paths of caches): a run folder refuses a config with another hash."""
         d = self.to_dict()
-        for k in ("logging", "eval", "run_dir"):
+        for k in ("logging", "validation", "run_dir"):
             d.pop(k)
         d["checkpoint"] = {}
         d["train"].pop("exit_before_walltime_min")

@@ -17,23 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from megatron_cpt.errors import UsageError
-
-
-def tokenizer_sha256(tokenizer_dir: Path) -> str:
-    """The tokenizer's identity, computed as ``megatron-cpt prep tokenize`` records it."""
-    from data_prep.text_tokenizer import TextTokenizer
-
-    if not Path(tokenizer_dir).is_dir():
-        raise UsageError(f"{tokenizer_dir} not found; the checkpoint's tokenizer folder is missing")
-    return TextTokenizer(str(tokenizer_dir)).sha256
-
-
-def read_manifest(prefix: str | Path) -> dict:
-    from data_prep.manifest import load_manifest
-
-    return load_manifest(str(prefix))
-
 
 def check_prefix(prefix: str | Path, tokenizer_dir: Path, check_hashes: bool = True) -> dict:
     """Refuse a prefix that is missing, whose manifest does not match its files, or that was
@@ -125,3 +108,40 @@ def iterate_micro_batches(dataset, iteration: int, global_batch: int, dp_rank: i
                           dp_size: int, micro_batch: int) -> Iterator[dict]:
     for idx in micro_batch_indices(iteration, global_batch, dp_rank, dp_size, micro_batch):
         yield collate(dataset, idx)
+
+
+def write_prefix(prefix: str | Path, documents: list[list[int]], tokenizer_dir: Path,
+                 eod_id: int, vocab_size: int) -> dict:
+    """Write ``prefix.bin/.idx`` + a data-prep manifest from token lists (tests and the toy
+    setup; ``megatron-cpt prep tokenize`` writes the same format from text at scale)."""
+    import time
+
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from data_prep.indexed import sha256_file
+    from data_prep.manifest import write_manifest
+    from data_prep.text_tokenizer import TextTokenizer, token_dtype
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tok = TextTokenizer(str(tokenizer_dir))
+    if tok.eod_id != eod_id:
+        raise ValueError(f"eod_id {eod_id} differs from the tokenizer's {tok.eod_id}")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype(vocab_size))
+    tokens = 0
+    for doc in documents:
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+        tokens += len(doc)
+    builder.finalize(prefix + ".idx")
+    info = tok.info()
+    man = {"format_version": 1, "kind": "tokens", "documents": len(documents), "tokens": tokens,
+           "bytes": 0, "documents_in": len(documents), "dropped": {}, "dropped_examples": {},
+           "tokenizer": info,  # vocab_size / dtype: the tokenizer's; the .bin uses vocab_size's
+           "bin_sha256": sha256_file(prefix + ".bin"), "idx_sha256": sha256_file(prefix + ".idx"),
+           "bin_bytes": Path(prefix + ".bin").stat().st_size,
+           "idx_bytes": Path(prefix + ".idx").stat().st_size,
+           "inputs": [], "config": {"writer": "megatron_cpt.training.data.write_prefix"},
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0}
+    write_manifest(prefix, man)
+    return man

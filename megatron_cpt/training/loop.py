@@ -1,27 +1,32 @@
 """The training loop, on Megatron-core primitives (DDP, distributed optimizer,
-OptimizerParamScheduler, pipeline schedules). One function, read top to bottom:
+OptimizerParamScheduler, pipeline schedules). :func:`train` reads top to bottom:
 
-    plan = validate.prepare(cfg)        # every check, no tensors
-    init distributed; build model; load pretrained (first launch)
-    wrap in DDP; optimizer; scheduler; resume from RUN/checkpoints/latest (later launches)
-    for each iteration: forward_backward -> agree on loss / stop -> optimizer.step -> log,
-                        validate, checkpoint
+    plan = preflight.prepare(cfg)         # every check, no tensors
+    init distributed; record the run folder (config.yaml, run.json)
+    launch = Launch(plan, ...)            # model: pretrained (first launch) or resumed; data
+    run_steps(launch, stop):              # per iteration:
+        forward_backward                  #   one all-reduce: loss + stop flag
+        non-finite loss -> save the last good iteration, exit EXIT_NONFINITE
+        optimizer_step                    #   log; validation loss; checkpoint
+        stop_early -> save, exit EXIT_REQUEUE (launchers requeue the job)
+    launch.finish(code)                   # final validation + checkpoint, exit_status.json
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_cpt.training import checkpointing, data, signals
+from megatron_cpt import run_folder as rf
+from megatron_cpt.run_folder import RunFolder
+from megatron_cpt.training import checkpointing, data, fault_hooks, signals
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.metrics import Metrics, event
-from megatron_cpt.training.validate import RUN_JSON, Plan, prepare
+from megatron_cpt.training.preflight import RunPlan, prepare
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,19 +40,6 @@ def _fp8_extra(cfg: TrainConfig, num_layers: int) -> dict:
         extra.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=p.fp8_bf16_first_layers,
                      num_layers_at_end_in_bf16=p.fp8_bf16_last_layers)
     return extra
-
-
-def _write_run_files(plan: Plan) -> None:
-    import yaml
-
-    run = Path(plan.cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(plan.cfg.to_dict(), sort_keys=False))
-    info = {"config_hash": plan.config_hash, "world_size": plan.world_size, "dp": plan.dp,
-            "budget": plan.budget.to_dict()}
-    tmp = run / f"{RUN_JSON}.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run / RUN_JSON)
 
 
 def _memory_extra(cfg: TrainConfig) -> dict:
@@ -104,7 +96,7 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
     return gpt, model, optimizer, scheduler
 
 
-def _build(plan: Plan, device):
+def _build(plan: RunPlan, device):
     from megatron_cpt.checkpoint import store
 
     cfg = plan.cfg
@@ -159,173 +151,267 @@ def _mean_loss(losses: list[dict]) -> float:
     return float(torch.stack([d["loss"] for d in losses]).float().mean())
 
 
-def train(cfg: TrainConfig, force: bool = False) -> int:
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def record_run(plan: RunPlan) -> RunFolder:
+    """Rank 0 records the config and the plan and removes half-written checkpoints; all wait."""
+    run = RunFolder(plan.cfg.run_dir)
+    if dist.get_rank() == 0:
+        run.write_config(plan.cfg.to_dict())
+        run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
+                            "dp": plan.dp, "budget": plan.budget.to_dict()})
+        removed = checkpointing.clean_stale(run.path)
+        if removed:
+            event(f"removed uncommitted checkpoint folders {removed}")
+    dist.barrier()
+    return run
+
+
+class LaunchData:
+    """The training set of the whole budget and one validation set per ``data.valid`` prefix."""
+
+    def __init__(self, plan: RunPlan, run: RunFolder):
+        cfg, b, seq = plan.cfg, plan.cfg.batch, plan.cfg.data.seq_length
+        cache = cfg.data.cache_dir or str(run.data_cache)
+        self.train = data.build_train_dataset(
+            [p.prefix for p in cfg.data.train], [p.weight for p in cfg.data.train],
+            plan.budget.iterations * b.global_batch_size, seq, cfg.train.seed, cache,
+            plan.eod_id, plan.vocab_size)
+        self.n_valid = cfg.validation.iters * b.micro_batch_size * plan.dp
+        self.valid = [data.build_valid_dataset(p.prefix, self.n_valid, seq, cfg.train.seed, cache,
+                                               plan.eod_id, plan.vocab_size)
+                      for p in cfg.data.valid]
+
+
+class SampleLog:
+    """``logging.log_sample_ids``: the sample ids each step consumed, and the first step's
+    tokens and labels, in ``debug/samples_dp<rank>.jsonl`` (first pipeline stage, TP rank 0)."""
+
+    def __init__(self, run: RunFolder, enabled: bool, dp_rank: int):
+        self._file = None
+        if enabled:
+            run.debug_dir.mkdir(exist_ok=True)
+            self._file = open(run.sample_ids_path(dp_rank), "a")
+
+    def write(self, iteration: int, micro: list[list[int]], batches: list[dict]) -> None:
+        if self._file is None:
+            return
+        rec = {"iteration": iteration + 1, "ids": [i for m in micro for i in m]}
+        if iteration == 0:
+            rec["tokens"] = [bt["tokens"].tolist() for bt in batches]
+            rec["labels"] = [bt["labels"].tolist() for bt in batches]
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class Launch:
+    """One launch of a run: model state, data, metrics and the steps' bookkeeping."""
+
+    def __init__(self, plan: RunPlan, run: RunFolder, device: torch.device):
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = plan.cfg
+        self.plan, self.cfg, self.run, self.device = plan, cfg, run, device
+        self.rank = dist.get_rank()
+        self.gpt, self.model, self.optimizer, self.scheduler, resume = _build(plan, device)
+        self.metrics = Metrics(run.path, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.iteration = self._resume(resume)
+        self.saved_at = self.iteration if resume is not None else -1
+        self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
+        self.data = LaunchData(plan, run)
+        self.dp_rank = ps.get_data_parallel_rank()
+        tp0 = ps.get_tensor_model_parallel_rank() == 0
+        self.last_stage_tp0 = ps.is_pipeline_last_stage() and tp0
+        self.samples = SampleLog(run, cfg.logging.log_sample_ids and ps.is_pipeline_first_stage()
+                                 and tp0, self.dp_rank)
+        self.fb = get_forward_backward_func()
+        self.forward_step = _forward_step(cfg.data.seq_length)
+        self.flops_per_iter = plan.budget.flops_per_token * plan.budget.tokens_per_iteration
+        self.nan_loss_at = fault_hooks.planned("nan_loss")
+
+    def _resume(self, ckpt) -> int:
+        """Load the latest checkpoint (later launches); returns the iteration to start at."""
+        if ckpt is None:
+            return 0
+        start = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler)["iteration"]
+        self.metrics.write({"kind": "event", "iteration": start, "event": "resume",
+                            "details": ckpt.name})
+        if self.rank == 0:
+            event(f"resumed {ckpt} at iteration {start}")
+        return start
+
+    def _progress(self, it: int) -> dict:
+        return {"tokens": it * self.plan.budget.tokens_per_iteration,
+                "flops": it * self.flops_per_iter}
+
+    def save(self, it: int) -> None:
+        """Collective: one committed checkpoint of iteration ``it``."""
+        b = self.cfg.batch
+        meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
+                "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
+                "source": {"type": "pretrained", "path": self.cfg.model.pretrained}}
+        path = checkpointing.save(self.run.path, it, self.gpt, self.optimizer, self.scheduler, meta,
+                                  Path(self.cfg.model.pretrained), self.cfg.checkpoint.keep_last,
+                                  self.plan.keep_iterations)
+        self.saved_at = it
+        self.metrics.write({"kind": "event", "iteration": it, "event": "checkpoint",
+                            "details": path.name})
+
+    def validation_loss(self, it: int) -> None:
+        """Mean loss on each validation set, written as ``valid`` records (collective)."""
+        b = self.cfg.batch
+        for name, ds in zip(self.plan.valid_names, self.data.valid):
+            batches = data.iterate_micro_batches(ds, 0, self.data.n_valid, self.dp_rank,
+                                                 self.plan.dp, b.micro_batch_size)
+            with torch.no_grad():
+                losses = self.fb(forward_step_func=self.forward_step, data_iterator=batches,
+                                 model=[self.model], num_microbatches=self.cfg.validation.iters,
+                                 seq_length=self.cfg.data.seq_length,
+                                 micro_batch_size=b.micro_batch_size, forward_only=True)
+            v = torch.tensor([_mean_loss(losses) if self.last_stage_tp0 else 0.0,
+                              1.0 if self.last_stage_tp0 else 0.0], device=self.device)
+            dist.all_reduce(v)
+            self.metrics.write({"kind": "valid", "iteration": it, **self._progress(it),
+                                "prefix": name, "loss": float(v[0] / v[1])})
+
+    def forward_backward(self, stop: signals.StopFlag) -> tuple[float, bool]:
+        """Gradients of the next iteration; returns the loss and whether any rank wants to stop."""
+        it, b = self.iteration, self.cfg.batch
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro = data.micro_batch_indices(it, b.global_batch_size, self.dp_rank, self.plan.dp,
+                                         b.micro_batch_size)
+        batches = [data.collate(self.data.train, idx) for idx in micro]
+        self.samples.write(it, micro, batches)
+        losses = self.fb(forward_step_func=self.forward_step, data_iterator=iter(batches),
+                         model=[self.model], num_microbatches=self.plan.accumulation,
+                         seq_length=self.cfg.data.seq_length, micro_batch_size=b.micro_batch_size,
+                         forward_only=False)
+        # one all-reduce carries the loss, the stop flag and the walltime flag
+        agree = torch.tensor([_mean_loss(losses) if self.last_stage_tp0 else 0.0,
+                              1.0 if self.last_stage_tp0 else 0.0, stop.local_code()],
+                             device=self.device, dtype=torch.float64)
+        dist.all_reduce(agree)
+        loss = float(agree[0] / agree[1])
+        if it + 1 == self.nan_loss_at:  # tests only (fault_hooks)
+            loss = float("nan")
+        return loss, bool(agree[2] > 0)
+
+    def stop_nonfinite(self, loss: float) -> int:
+        """Keep the last good iteration (its checkpoint) and refuse to go on."""
+        it = self.iteration
+        msg = (f"non-finite loss {loss} at iteration {it + 1}; stopped with a checkpoint of "
+               f"the last good iteration {it}; lower optimizer.lr or check the data")
+        if self.saved_at != it:
+            self.save(it)
+        self.metrics.write({"kind": "event", "iteration": it, "event": "nonfinite", "details": msg})
+        if self.rank == 0:
+            event(msg)
+        return rf.EXIT_NONFINITE
+
+    def optimizer_step(self, loss: float, t0: float) -> None:
+        """Apply the gradients, advance the schedule and log the iteration."""
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.launched += 1
+        dt = time.perf_counter() - t0
+        it, n, bud = self.iteration, self.plan.budget.iterations, self.plan.budget
+        if it % self.cfg.logging.interval == 0 or it == n:
+            tflops = self.flops_per_iter / dt / dist.get_world_size() / 1e12
+            rec = {"kind": "train", "iteration": it, **self._progress(it), "loss": loss, "lr": lr,
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "step_time_s": dt, "tokens_per_s": bud.tokens_per_iteration / dt,
+                   "tflops_per_gpu": tflops, "mfu": tflops / self.cfg.logging.mfu_peak_tflops}
+            self.metrics.write(rec)
+            self.metrics.progress(rec, n)
+
+    def _validation_due(self, it: int) -> bool:
+        v = self.cfg.validation
+        return bool(v.interval_tokens) and it % self.plan.validation_every_iters == 0
+
+    def validate_and_checkpoint(self) -> None:
+        """The validation loss and the checkpoint the plan asks for at this iteration."""
+        it = self.iteration
+        if self.data.valid and self._validation_due(it):
+            self.validation_loss(it)
+        if it in self.plan.budget.checkpoint_iterations:
+            self.save(it)
+
+    def stop_early(self, want_stop: bool, stop: signals.StopFlag) -> int | None:
+        """Exit for requeue (``EXIT_REQUEUE``) with a checkpoint when a rank asked to stop
+        (signal, walltime) or this launch ran ``train.stop_after_iterations``; None to go on."""
+        it, stop_after = self.iteration, self.cfg.train.stop_after_iterations
+        if it >= self.plan.budget.iterations:
+            return None
+        if not (want_stop or (stop_after and self.launched >= stop_after)):
+            return None
+        if self.saved_at != it:
+            self.save(it)
+        why = f"signal {stop.received}" if stop.received else \
+            ("stop request from another rank or walltime" if want_stop else "stop_after_iterations")
+        self.metrics.write({"kind": "event", "iteration": it, "event": "stop", "details": why})
+        if self.rank == 0:
+            event(f"stopping at iteration {it} ({why}); exit {rf.EXIT_REQUEUE} = requeue")
+        return rf.EXIT_REQUEUE
+
+    def finish(self, code: int) -> None:
+        """Final validation and checkpoint of a finished budget; the verdict for launchers."""
+        it = self.iteration
+        if code == rf.EXIT_OK:
+            if self.data.valid and self.cfg.validation.at_end and not self._validation_due(it):
+                self.validation_loss(it)
+            if self.cfg.checkpoint.save_at_end and self.saved_at != it:
+                self.save(it)
+            self.metrics.write({"kind": "event", "iteration": it, "event": "done", "details": ""})
+        if self.rank == 0:  # the launcher reads this even where torchrun masks the exit code
+            self.run.write_exit_status(code, it, self.plan.budget.iterations)
+        dist.barrier()  # leave together: torchrun kills the others when one rank exits first
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+
+
+def run_steps(launch: Launch, stop: signals.StopFlag) -> int:
+    """Iterate until the budget is spent or a stop condition holds; returns the exit code."""
+    while launch.iteration < launch.plan.budget.iterations:
+        t0 = time.perf_counter()
+        loss, want_stop = launch.forward_backward(stop)
+        if not math.isfinite(loss):
+            return launch.stop_nonfinite(loss)
+        launch.optimizer_step(loss, t0)
+        launch.validate_and_checkpoint()
+        code = launch.stop_early(want_stop, stop)
+        if code is not None:
+            return code
+    return rf.EXIT_OK
+
+
+def train(cfg: TrainConfig, force: bool = False) -> int:
+    """One launch of a run (collective). Returns the exit code (:data:`run_folder.EXIT_CODES`)."""
     from megatron_cpt.runtime import init_distributed, shutdown
 
     plan = prepare(cfg, force=force)  # raises UsageError before any tensor exists
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-    rank = dist.get_rank()
-    run = Path(cfg.run_dir)
-    if rank == 0:
-        _write_run_files(plan)
-        removed = checkpointing.clean_stale(run)
-        if removed:
-            event(f"removed uncommitted checkpoint folders {removed}")
-    dist.barrier()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    gpt, model, optimizer, scheduler, resume = _build(plan, device)
-    start, prev_meta = 0, None
-    metrics = Metrics(run, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    if resume is not None:
-        prev_meta = checkpointing.load(resume, gpt, optimizer, scheduler)
-        start = prev_meta["iteration"]
-        metrics.write({"kind": "event", "iteration": start, "event": "resume",
-                       "details": resume.name})
-        if rank == 0:
-            event(f"resumed {resume} at iteration {start}")
-
-    b, bud, seq = cfg.batch, plan.budget, cfg.data.seq_length
-    n_iter = bud.iterations
-    cache = cfg.data.cache_dir or str(run / "data_cache")
-    train_ds = data.build_train_dataset([p.prefix for p in cfg.data.train],
-                                        [p.weight for p in cfg.data.train],
-                                        n_iter * b.global_batch_size, seq, cfg.train.seed, cache,
-                                        plan.eod_id, plan.vocab_size)
-    n_valid = cfg.eval.iters * b.micro_batch_size * plan.dp
-    valid_ds = [data.build_valid_dataset(p.prefix, n_valid, seq, cfg.train.seed, cache,
-                                         plan.eod_id, plan.vocab_size) for p in cfg.data.valid]
-    dp_rank, dp = ps.get_data_parallel_rank(), plan.dp
-    fb = get_forward_backward_func()
-    forward_step = _forward_step(seq)
+    launch = Launch(plan, record_run(plan), _device())
     stop = signals.StopFlag(cfg.train.exit_before_walltime_min).install()
-    last_stage_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    log_ids = cfg.logging.log_sample_ids and ps.is_pipeline_first_stage() and \
-        ps.get_tensor_model_parallel_rank() == 0
-    if log_ids:
-        (run / "debug").mkdir(exist_ok=True)
-        ids_file = open(run / "debug" / f"samples_dp{dp_rank}.jsonl", "a")
-    world = dist.get_world_size()
-    flops_per_iter = bud.flops_per_token * bud.tokens_per_iteration
-    stop_after = cfg.train.stop_after_iterations
-
-    def meta_for(it: int) -> dict:
-        return {"consumed_samples": it * b.global_batch_size,
-                "tokens": it * bud.tokens_per_iteration, "flops": it * flops_per_iter,
-                "config_hash": plan.config_hash, "dtype": plan.dtype,
-                "source": {"type": "pretrained", "path": cfg.model.pretrained}}
-
-    def save(it: int) -> None:
-        path = checkpointing.save(run, it, gpt, optimizer, scheduler, meta_for(it),
-                                  Path(cfg.model.pretrained), cfg.checkpoint.keep_last,
-                                  plan.keep_iterations)
-        metrics.write({"kind": "event", "iteration": it, "event": "checkpoint", "details": path.name})
-
-    def validate(it: int) -> None:
-        for name, ds in zip(plan.valid_names, valid_ds):
-            it_data = data.iterate_micro_batches(ds, 0, n_valid, dp_rank, dp, b.micro_batch_size)
-            with torch.no_grad():
-                losses = fb(forward_step_func=forward_step, data_iterator=it_data, model=[model],
-                            num_microbatches=cfg.eval.iters, seq_length=seq,
-                            micro_batch_size=b.micro_batch_size, forward_only=True)
-            v = torch.tensor([_mean_loss(losses) if last_stage_tp0 else 0.0,
-                              1.0 if last_stage_tp0 else 0.0], device=device)
-            dist.all_reduce(v)
-            metrics.write({"kind": "valid", "iteration": it, "tokens": it * bud.tokens_per_iteration,
-                           "flops": it * flops_per_iter, "prefix": name,
-                           "loss": float(v[0] / v[1])})
-
-    code = signals.EXIT_OK
-    it = start
-    saved_at = start if resume is not None else -1
-    launched = 0
     try:
-        while it < n_iter:
-            t0 = time.perf_counter()
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            micro = data.micro_batch_indices(it, b.global_batch_size, dp_rank, dp, b.micro_batch_size)
-            batches = [data.collate(train_ds, idx) for idx in micro]
-            if log_ids:
-                rec = {"iteration": it + 1, "ids": [i for m in micro for i in m]}
-                if it == 0:
-                    rec["tokens"] = [bt["tokens"].tolist() for bt in batches]
-                    rec["labels"] = [bt["labels"].tolist() for bt in batches]
-                ids_file.write(json.dumps(rec) + "\n")
-                ids_file.flush()
-            losses = fb(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-                        num_microbatches=plan.accumulation, seq_length=seq,
-                        micro_batch_size=b.micro_batch_size, forward_only=False)
-            # one all-reduce carries the loss, the stop flag and the walltime flag
-            agree = torch.tensor([_mean_loss(losses) if last_stage_tp0 else 0.0,
-                                  1.0 if last_stage_tp0 else 0.0, stop.local_code()],
-                                 device=device, dtype=torch.float64)
-            dist.all_reduce(agree)
-            loss = float(agree[0] / agree[1])
-            want_stop = bool(agree[2] > 0)
-            if os.environ.get(checkpointing.FAULT_ENV) == f"nan_loss@{it + 1}":  # tests only
-                loss = float("nan")
-            if not math.isfinite(loss):
-                msg = (f"non-finite loss {loss} at iteration {it + 1}; stopped with a checkpoint of "
-                       f"the last good iteration {it}; lower optimizer.lr or check the data")
-                if saved_at != it:
-                    save(it)
-                metrics.write({"kind": "event", "iteration": it, "event": "nonfinite", "details": msg})
-                if rank == 0:
-                    event(msg)
-                code = signals.EXIT_NONFINITE
-                break
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            ok, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            it += 1
-            launched += 1
-            dt = time.perf_counter() - t0
-            if it % cfg.logging.interval == 0 or it == n_iter:
-                tflops = flops_per_iter / dt / world / 1e12
-                rec = {"kind": "train", "iteration": it, "tokens": it * bud.tokens_per_iteration,
-                       "flops": it * flops_per_iter, "loss": loss,
-                       "lr": lr,
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "step_time_s": dt, "tokens_per_s": bud.tokens_per_iteration / dt,
-                       "tflops_per_gpu": tflops, "mfu": tflops / cfg.logging.mfu_peak_tflops}
-                metrics.write(rec)
-                metrics.progress(rec, n_iter)
-            if valid_ds and cfg.eval.interval_tokens and it % plan.eval_every_iters == 0:
-                validate(it)
-            if it in bud.checkpoint_iterations:
-                save(it)
-                saved_at = it
-            if it < n_iter and (want_stop or (stop_after and launched >= stop_after)):
-                if saved_at != it:
-                    save(it)
-                    saved_at = it
-                why = f"signal {stop.received}" if stop.received else \
-                    ("stop request from another rank or walltime" if want_stop else "stop_after_iterations")
-                metrics.write({"kind": "event", "iteration": it, "event": "stop", "details": why})
-                if rank == 0:
-                    event(f"stopping at iteration {it} ({why}); exit {signals.EXIT_REQUEUE} = requeue")
-                code = signals.EXIT_REQUEUE
-                break
-        if code == signals.EXIT_OK:
-            if valid_ds and cfg.eval.at_end and not (cfg.eval.interval_tokens
-                                                     and it % plan.eval_every_iters == 0):
-                validate(it)
-            if cfg.checkpoint.save_at_end and saved_at != it:
-                save(it)
-            metrics.write({"kind": "event", "iteration": it, "event": "done", "details": ""})
-        if rank == 0:  # the launcher reads this even where torchrun masks the exit code
-            status = {"code": code, "iteration": it, "iterations": n_iter,
-                      "reason": {0: "done", 3: "nonfinite", 42: "requeue"}[code]}
-            (run / "exit_status.json").write_text(json.dumps(status) + "\n")
-        dist.barrier()  # leave together: torchrun kills the others when one rank exits first
+        code = run_steps(launch, stop)
+        launch.finish(code)
     finally:
         stop.uninstall()
-        metrics.close()
-        if log_ids:
-            ids_file.close()
+        launch.close()
     shutdown()
     return code

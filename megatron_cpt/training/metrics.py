@@ -15,17 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_cpt.run_folder import RunFolder
+
 
 class Metrics:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run = RunFolder(run_dir)
+        self.path = run.metrics_path
         self._file = open(self.path, "a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(run.tensorboard_dir))
             except Exception:  # tensorboard not installed: jsonl only
                 self._tb = None
 

@@ -4,7 +4,7 @@ SIGTERM (SLURM preemption / scancel), SIGUSR1 and SIGUSR2 (submitit and ``--sign
 these ahead of the time limit) only set a flag in the handler. Each step the flag travels in
 the same all-reduce that carries the loss (:meth:`StopFlag.local_code`), so every rank learns
 "stop after this step" at the same iteration, saves one checkpoint together and exits with
-:data:`EXIT_REQUEUE`. ``train.exit_before_walltime_min`` raises the same flag on rank 0 when
+:data:`~megatron_cpt.run_folder.EXIT_REQUEUE`. ``train.exit_before_walltime_min`` raises the same flag on rank 0 when
 the SLURM job's end time comes near.
 """
 from __future__ import annotations
@@ -13,11 +13,6 @@ import os
 import signal
 import subprocess
 import time
-
-EXIT_OK = 0             # budget spent, final checkpoint written
-EXIT_USAGE = 2          # configuration / input error (one-line message), nothing started
-EXIT_NONFINITE = 3      # NaN/Inf loss: checkpoint of the last good step written; do not requeue
-EXIT_REQUEUE = 42       # stopped early (signal or walltime), checkpoint written: requeue me
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -63,11 +58,11 @@ def _slurm_end_time() -> float | None:
                              text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    left = _parse_slurm_duration(out)
+    left = parse_slurm_duration(out)
     return None if left is None else time.time() + left
 
 
-def _parse_slurm_duration(text: str) -> float | None:
+def parse_slurm_duration(text: str) -> float | None:
     """``[D-]HH:MM:SS`` / ``MM:SS`` -> seconds."""
     if not text or text in ("INVALID", "UNLIMITED", "NOT_SET"):
         return None
