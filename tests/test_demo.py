@@ -65,7 +65,7 @@ def test_demo_grid_on_slurm_shows_the_effect(demo):
         for corpus in corpora:
             row = rows[f"{size}/{corpus}"]
             assert row["state"] in ("COMPLETED", "DONE"), row
-            assert row["iteration"] == row["iterations"] == 40, row
+            assert row["iteration"] == row["iterations"] == 60, row
             assert row["eval_state"] in ("COMPLETED", "5 scored"), row
         assert rows[f"{size}/medical"]["state"] == "NOT LAUNCHED"
 
