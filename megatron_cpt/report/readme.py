@@ -43,9 +43,10 @@ def picture_block(results: dict, image: Path) -> str:
              f"of the gain excludes 0) in {len(above)} of {len(eff)} cells"]
     if sger:
         vals = sorted(e["sger"]["value"] for e in sger)
-        lines[-1] += (f", and reach the general run's best val accuracy with "
-                      f"{_e(vals[0])}-{_e(vals[-1])}x less compute (exam SGER) in "
-                      f"{len(sger)} cells")
+        over = sum(v > 1 for v in vals)
+        lines[-1] += (f"; the exam SGER (general run's compute to its best val accuracy / the "
+                      f"specialized run's compute to reach it) is defined in {len(sger)} cells, "
+                      f"{_e(vals[0])} to {_e(vals[-1])}, above 1 in {over}")
     lines[-1] += ". Exam format: " + ", ".join(sorted({e["form"].upper() for e in eff})) + \
         " (docs/report.md: CF below 2e9 parameters or where MCF is at chance).*"
     return "\n".join(lines)
