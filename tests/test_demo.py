@@ -20,7 +20,11 @@ from test_slurm import _job
 
 SIZES = ("tiny-a", "tiny-c", "tiny-b")
 CORPORA = ["general", "legal", "medical", "control_legal"]  # the full demo: 3 sizes x 4 cells
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _env() -> dict:
+    """The environment at call time: the slurm_cluster fixture exports SLURM_CONF."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def demo(slurm_cluster, tmp_path_factory):
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "megatron_cpt", "demo", "--out", str(out),
                            "--executor", "slurm", "--domains", *CORPORA, "--bootstrap", "200"],
-                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=2400)
+                          capture_output=True, text=True, cwd=REPO, env=_env(), timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"demo ({3 * len(CORPORA)} cells) on the local SLURM cluster: {time.time() - t0:.0f} s")
     return out
@@ -40,7 +44,7 @@ def _results(study) -> dict:
 
 
 def test_demo_grid_on_slurm_shows_the_effect(demo):
-    out, corpora, env = demo, CORPORA, ENV
+    out, corpora, env = demo, CORPORA, _env()
     study = out / "study"
 
     # the grid went through SLURM: one array per size, evaluation afterok on its element
@@ -129,7 +133,7 @@ def test_demo_grid_reruns_to_identical_results(demo, tmp_path):
     shutil.copytree(demo / "study", study, ignore=shutil.ignore_patterns("report", "submitit"))
     for cell in ("general", "legal"):
         shutil.rmtree(study / "runs" / "tiny-a" / cell)
-    env = {**ENV, "MCPT_STUDY_DIR": str(study), "MCPT_DATA_ROOT": str(demo / "data"),
+    env = {**_env(), "MCPT_STUDY_DIR": str(study), "MCPT_DATA_ROOT": str(demo / "data"),
            "MCPT_CKPT_ROOT": str(demo / "checkpoints")}
     proc = subprocess.run([sys.executable, "-m", "megatron_cpt", "launch", "grid", "--study",
                            str(REPO / "configs" / "study-demo.yaml"), "--sizes", "tiny-a",
