@@ -219,20 +219,20 @@ def analyze_cell(study: Study, size: str, domain: str) -> dict:
         if "specialized" in present and "control" in present else None
     if "specialized" in present and "general" in present:
         out["forgetting_at_equal_compute"] = forgetting(spec, gen)
-        eff = domain_loss_effect(spec, gen, domain)
-        out["domain_valid_loss_at_equal_compute"] = {
-            "flops": eff["flops"], "specialized": eff["specialized"], "general": eff["reference"],
-            "delta": eff["delta"], "mean_delta": eff["mean_delta"],
-            "specialized_lower_everywhere": eff["specialized_lower_everywhere"]}
+        out["domain_valid_loss_at_equal_compute"] = _loss_effect(spec, gen, domain, "general")
     else:
         out["forgetting_at_equal_compute"] = None
         out["domain_valid_loss_at_equal_compute"] = None
     if "specialized" in present and "control" in present:
-        eff = domain_loss_effect(spec, ctrl, domain)
-        out["domain_valid_loss_vs_control"] = {
-            "flops": eff["flops"], "specialized": eff["specialized"], "control": eff["reference"],
-            "delta": eff["delta"], "mean_delta": eff["mean_delta"],
-            "specialized_lower_everywhere": eff["specialized_lower_everywhere"]}
+        out["domain_valid_loss_vs_control"] = _loss_effect(spec, ctrl, domain, "control")
     else:
         out["domain_valid_loss_vs_control"] = None
     return out
+
+
+def _loss_effect(spec, reference, domain: str, reference_name: str) -> dict:
+    """The domain validation loss of ``spec`` against ``reference`` at equal compute."""
+    eff = domain_loss_effect(spec, reference, domain)
+    return {"flops": eff["flops"], "specialized": eff["specialized"], reference_name: eff["reference"],
+            "delta": eff["delta"], "mean_delta": eff["mean_delta"],
+            "specialized_lower_everywhere": eff["specialized_lower_everywhere"]}
