@@ -27,7 +27,7 @@ def test_straggler_event_needs_a_streak_and_fires_once_per_streak():
 
 def test_collective_trace_records_the_last_call_and_uninstalls(tmp_path):
     """A real (one-rank gloo) all_reduce through torch.distributed: the trace names it and
-    its caller; uninstall gives torch its functions back."""
+    its caller; uninstall gives torch its functions back; P2POps (PP > 1) still build."""
     script = textwrap.dedent("""
         import os, torch, torch.distributed as dist
         from megatron_cpt.runtime.collectives import CollectiveTrace
@@ -36,6 +36,9 @@ def test_collective_trace_records_the_last_call_and_uninstalls(tmp_path):
         original = dist.all_reduce
         trace = CollectiveTrace().install()
         assert dist.all_reduce is not original
+        # pipeline parallelism builds P2POps from dist.isend / dist.irecv, checked by identity
+        dist.P2POp(dist.isend, torch.ones(1), 0)
+        dist.P2POp(dist.irecv, torch.ones(1), 0)
         dist.all_reduce(torch.ones(2))
         print(trace.describe())
         trace.uninstall()

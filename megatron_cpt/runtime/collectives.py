@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+# Not ``isend`` / ``irecv``: pipeline parallelism passes them as tokens to ``P2POp``, which
+# checks them by identity (torch/distributed/distributed_c10d.py), so a wrapper breaks every
+# PP > 1 run; their traffic is traced through ``batch_isend_irecv``.
 TRACED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
           "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list",
-          "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "all_to_all",
+          "barrier", "send", "recv", "batch_isend_irecv", "all_to_all",
           "gather", "scatter", "reduce", "monitored_barrier")
 
 
