@@ -71,6 +71,31 @@ NO_FUSIONS = {"gradient_accumulation_fusion": False, "rope_fusion": False,
               "cross_entropy_fusion": "off"}
 
 
+def _median_step_seconds(step, warmup: int, steps: int, on_gpu: bool) -> float:
+    """The slowest rank's median step time after ``warmup`` steps (CUDA events on GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + steps):
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            step()
+            seconds = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(seconds)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    return t.item()
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     import torch
@@ -123,25 +148,7 @@ def main(argv=None) -> dict | None:
         optimizer.step()
         scheduler.step(increment=1)
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            step()
-            seconds = time.perf_counter() - t0
-        if i >= args.warmup:
-            times.append(seconds)
-    # every rank's median; the slowest rank sets the pace
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    step_s = t.item()
+    step_s = _median_step_seconds(step, args.warmup, args.steps, on_gpu)
     tokens_per_step = gbs * seq
     tok_s_gpu = tokens_per_step / step_s / world
     tflops = flops_per_token(model_cfg, seq) * tok_s_gpu / 1e12
