@@ -258,6 +258,29 @@ def _in_writer(fn, iteration: int, parent: int):
     return run
 
 
+def _one_request(requests: list, commit, iteration: int):
+    """The async writes of one checkpoint as one background process, one after the other.
+    Megatron-core's writers report their results through one global queue, so two writes in
+    flight at once swap results (each ``.metadata`` then indexes the other's files). The host
+    copy (``preload_fn``) happens here, in the loop; the finalizations run in write order,
+    then ``commit``."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    calls = []
+    for r in requests:
+        args = list(r.async_fn_args)
+        if r.preload_fn is not None:
+            args[1] = r.preload_fn()
+        if r.async_fn is not None:
+            calls.append((r.async_fn, args, r.async_fn_kwargs))
+
+    def write_all() -> None:
+        for fn, args, kwargs in calls:
+            fn(*args, **kwargs)
+    finalize = [f for r in requests for f in r.finalize_fns] + [commit]
+    return AsyncRequest(_in_writer(write_all, iteration, os.getpid()), (), finalize)
+
+
 @dataclass
 class SaveOptions:
     """Where and how a launch checkpoints (``checkpoint`` section + the plan's grid)."""
@@ -303,9 +326,7 @@ class Checkpointer:
         if self.queue is None:
             commit()
             return final
-        requests[-1].add_finalize_fn(commit)  # after both writes' own finalization
-        for request in requests:
-            self.queue.schedule_async_request(request)
+        self.queue.schedule_async_request(_one_request(requests, commit, iteration))
         self.pending = iteration
         return final
 
@@ -317,11 +338,8 @@ class Checkpointer:
             folder.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         strategy = _save_strategy(self.opts.fully_parallel)
-        request = dist_checkpointing.save(sharded, str(folder), sharded_strategy=strategy,
-                                          async_sharded_save=self.queue is not None)
-        if request is not None and request.async_fn is not None:
-            request = request._replace(async_fn=_in_writer(request.async_fn, iteration, os.getpid()))
-        return request
+        return dist_checkpointing.save(sharded, str(folder), sharded_strategy=strategy,
+                                       async_sharded_save=self.queue is not None)
 
     def poll(self) -> None:
         """Commit the background save if every rank's write has finished (one all-reduce;
