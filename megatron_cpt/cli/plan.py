@@ -50,6 +50,7 @@ def _model_for(cfg, name: str | None):
 
 def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool = False) -> int:
     """The grid's cells with resources, tokens, FLOPs and GPU-hours; submits nothing."""
+    from megatron_cpt.launch.capacity import print_capacity
     from megatron_cpt.launch.grid import cost_rows
 
     rows = cost_rows(cells, mfu, peak_tflops)
@@ -57,15 +58,17 @@ def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'cell':<24} {'model':<14} {'TPxPP':>6} {'nodes':>5} {'ranks':>5} {'time':>11} "
-          f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8}  inputs")
+          f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8} {'GiB/GPU':>8}  inputs")
     for r in rows:
         print(f"{r['size'] + '/' + r['cell']:<24} {r['model']:<14} {r['tp']}x{r['pp']:<4} "
               f"{r['nodes']:>5} {r['tasks']:>5} {r['time']:>11} {r['tokens']:>10.3e} "
-              f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f}  "
+              f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f} "
+              f"{r['memory']['total_gib']:>7.1f}{'!' if not r['fits'] else ' '}  "
               f"{'missing' if r['inputs'] else 'ready'}")
     for r in rows:
         if r["inputs"]:
             print(f"missing: {r['inputs']}")
+    print_capacity(study, rows)
     print(f"total: {sum(r['gpu_hours'] for r in rows):.1f} GPU-hours at MFU {mfu:.2f}; "
           f"runs under {study.study_dir}; nothing submitted")
     return 0
