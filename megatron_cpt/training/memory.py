@@ -237,7 +237,7 @@ def suggestions(m: ModelConfig, lay: Layout, gpu_memory_gb: float, global_batch:
     tries = []
     tp = lay.tp * 2
     while tp <= max_tp and world % (tp * lay.pp) == 0:
-        if m.num_query_groups % tp == 0 and m.padded_vocab_size % tp == 0:
+        if _splits(m, tp, lay.pp):
             dp = world // (tp * lay.pp)
             tries.append((f"parallel.tp={tp}", dataclasses.replace(
                 lay, tp=tp, dp=dp, sequence_parallel=lay.sequence_parallel or tp > 1,
@@ -253,10 +253,22 @@ def suggestions(m: ModelConfig, lay: Layout, gpu_memory_gb: float, global_batch:
         mb //= 2
     out = []
     for what, alt in tries:
+        if global_batch % (alt.micro_batch * alt.dp):  # the batch arithmetic must still hold
+            continue
         est = estimate(m, alt, gpu_memory_gb)
         if est.fits:
             out.append(f"{what} ({est.total / GIB:.1f} GiB)")
     return out
+
+
+def _splits(m: ModelConfig, tp: int, pp: int) -> bool:
+    from megatron_cpt.errors import UsageError
+
+    try:
+        m.check_parallel(tp, pp)
+    except UsageError:
+        return False
+    return True
 
 
 def refusal(name: str, est: MemoryEstimate, suggested: list[str]) -> str:
