@@ -80,6 +80,14 @@ def capacity_row(cell: Cell, tokens: int) -> dict:
             "epochs": corpus_epochs(cell, tokens)}
 
 
+def _size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, scale in (("TiB", TIB), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
 def _gib(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -108,8 +116,8 @@ def print_capacity(study: StudyConfig, rows: list[dict]) -> None:
     before = sum(r["storage"]["before_bytes"] for r in rows)
     after = sum(r["storage"]["after_bytes"] for r in rows)
     s = rows[0]["storage"] if rows else {}
-    print(f"\ncheckpoint storage (peak, all cells): {before / TIB:.2f} TiB with optimizer state in "
-          f"every kept checkpoint; {after / TIB:.2f} TiB with weights-only evaluation checkpoints "
+    print(f"\ncheckpoint storage (peak, all cells): {_size(before)} with optimizer state in "
+          f"every kept checkpoint; {_size(after)} with weights-only evaluation checkpoints "
           f"({before / max(after, 1):.1f}x less; per cell {s.get('evaluation_checkpoints')} "
           f"evaluation + {s.get('resume_checkpoints')} resume checkpoints)")
     epochs = [(r["size"] + "/" + r["cell"], r["epochs"]) for r in rows if r["epochs"] is not None]
