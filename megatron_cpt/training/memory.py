@@ -16,15 +16,16 @@ Per GPU (the most loaded pipeline stage), in bytes:
 * **activations**: tensors saved for the backward pass of one micro batch (sequence s, micro
   batch b) per layer, times the layers of the stage, times the micro batches in flight
   (1F1B: the first stage holds ``min(PP, micro batches per step)``), plus the embedding's
-  indices on the first stage and the logits (training dtype + an fp32 softmax copy) on the
-  last. Per layer and micro batch (elements; h hidden, q = heads x head dim, k = kv heads x
+  indices on the first stage and the logits on the last (the fp32 softmax the cross entropy
+  keeps, plus the bf16 logits it is computed from when training in bf16). Per layer and micro batch (elements; h hidden, q = heads x head dim, k = kv heads x
   head dim, f FFN size, t TP)::
 
       4 s b h      the two RMSNorm inputs and the QKV / FC1 inputs  (/ t with sequence parallel)
-      s b (2q + 2k + 3f) / t   q, k, v and the attention output, SwiGLU's input (2f) and FC2's
-                               input (f)
-      + 2 b (H / t) s^2        Megatron's unfused ("local") attention only, unless selective
-                               recompute: the softmax probabilities and the dropout output
+      s b (3q + 3k + 3f) / t   the fused QKV output (q + 2k: kept alive by v, a view of it),
+                               the rotated q and k, the attention output (q), SwiGLU's input
+                               (2f) and FC2's input (f)
+      + b (H / t) s^2          Megatron's unfused ("local") attention only, unless selective
+                               recompute: the softmax probabilities (dropout 0 keeps no copy)
 
   Selective recompute drops the attention-score term (FlashAttention / SDPA never store it);
   full recompute keeps one layer input per ``recompute_num_layers`` chunk (uniform) or per
@@ -135,10 +136,10 @@ def _layer_activation_elems(m: ModelConfig, lay: Layout) -> float:
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     q, k = m.num_attention_heads * d, m.num_query_groups * d
     norm_side = 4 * s * b * h / (t if lay.sequence_parallel else 1)
-    split = s * b * (2 * q + 2 * k + 3 * f) / t
+    split = s * b * (3 * q + 3 * k + 3 * f) / t
     scores = 0.0
     if not lay.fused_attention and lay.recompute != "selective":
-        scores = 2 * b * (m.num_attention_heads / t) * s * s
+        scores = b * (m.num_attention_heads / t) * s * s
     return norm_side + split + scores
 
 
@@ -163,7 +164,8 @@ def _stage_activations(m: ModelConfig, lay: Layout, stage: int) -> float:
     in_flight = min(lay.pp - stage, lay.micro_batches)
     total = in_flight * body
     if stage == lay.pp - 1:  # final norm + output layer inputs, logits and their fp32 softmax
-        total += 2 * layer_input + s * b * (m.padded_vocab_size / t) * (a + 4)
+        logit_bytes = 4 + (a if a < 4 else 0)
+        total += 2 * layer_input + s * b * (m.padded_vocab_size / t) * logit_bytes
     return total
 
 
