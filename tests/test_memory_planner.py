@@ -173,6 +173,9 @@ def test_a_cell_that_cannot_fit_is_refused_with_a_suggestion(tmp_path, capsys, m
     assert "GiB per GPU" in err and "try parallel.tp=4" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()  # nothing submitted, nothing written
+    assert main(["launch", "render-sbatch", "--study", s, "--out", str(tmp_path / "sh")]) == 2
+    assert "try parallel.tp=4" in capsys.readouterr().err
+    assert not list(tmp_path.glob("sh/*.sh"))  # no script for a cell that cannot fit
     assert main(["launch", "grid", "--study", s, "--dry-run"]) == 0  # the dry run shows it
     out = capsys.readouterr().out
     assert "NO" in out and "does not fit; try: parallel.tp=4" in out, out
