@@ -100,8 +100,9 @@ class Layout:
 
 # -- parameters -------------------------------------------------------------------------------
 def layer_params(m: ModelConfig, tp: int) -> dict[str, int]:
-    """One transformer layer's parameters on one TP rank: ``split`` (sharded over TP: QKV
-    with its bias, output projection, FC1, FC2) and ``replicated`` (the two RMSNorm weights)."""
+    """One transformer layer's parameters on one TP rank: ``linear`` (the QKV, output
+    projection, FC1 and FC2 weights, sharded over TP), ``bias`` (QKV's, sharded) and
+    ``replicated`` (the two RMSNorm weights)."""
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
     q = m.num_attention_heads * d
