@@ -13,7 +13,8 @@ def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
         "Print tokens, FLOPs, iterations, checkpoint iterations and estimated GPU-hours of a "
         "training config (--config) or of every cell of the study grid (--study, the same table "
-        "as `launch grid --dry-run`). FLOPs per token follow Megatron-LM's formula "
+        "as `launch grid --dry-run`), with memory per GPU (weights, gradients, optimizer shard, "
+        "activations) and checkpoint storage. FLOPs per token follow Megatron-LM's formula "
         "(docs/training.md)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="training YAML")
@@ -27,6 +28,9 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--gpu-memory-gb", type=float,
+                   help="--config: GiB per GPU to check the memory plan against (--study: "
+                   "resources.gpu_memory_gb)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run)
 
@@ -48,8 +52,18 @@ def _model_for(cfg, name: str | None):
                      "--model NAME (e.g. qwen2.5-7b) to plan without it")
 
 
+def _config_memory(cfg, model, gpus: int | None, gpu_memory_gb: float | None) -> dict:
+    """The memory plan of one config on ``gpus`` GPUs (default TP x PP; dtype auto = bf16)."""
+    from megatron_cpt.training import memory
+
+    dtype = "bfloat16" if cfg.precision.dtype == "auto" else cfg.precision.dtype
+    lay = memory.Layout.from_config(cfg, gpus or cfg.parallel.tp * cfg.parallel.pp, dtype)
+    return memory.estimate(model, lay, gpu_memory_gb).to_dict()
+
+
 def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool = False) -> int:
     """The grid's cells with resources, tokens, FLOPs and GPU-hours; submits nothing."""
+    from megatron_cpt.launch.capacity import print_capacity
     from megatron_cpt.launch.grid import cost_rows
 
     rows = cost_rows(cells, mfu, peak_tflops)
@@ -57,15 +71,17 @@ def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'cell':<24} {'model':<14} {'TPxPP':>6} {'nodes':>5} {'ranks':>5} {'time':>11} "
-          f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8}  inputs")
+          f"{'tokens':>10} {'FLOPs':>10} {'iters':>7} {'GPU-h':>8} {'GiB/GPU':>8}  inputs")
     for r in rows:
         print(f"{r['size'] + '/' + r['cell']:<24} {r['model']:<14} {r['tp']}x{r['pp']:<4} "
               f"{r['nodes']:>5} {r['tasks']:>5} {r['time']:>11} {r['tokens']:>10.3e} "
-              f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f}  "
+              f"{r['flops']:>10.3e} {r['iterations']:>7} {r['gpu_hours']:>8.1f} "
+              f"{r['memory']['total_gib']:>7.1f}{'!' if not r['fits'] else ' '}  "
               f"{'missing' if r['inputs'] else 'ready'}")
     for r in rows:
         if r["inputs"]:
             print(f"missing: {r['inputs']}")
+    print_capacity(study, rows)
     print(f"total: {sum(r['gpu_hours'] for r in rows):.1f} GPU-hours at MFU {mfu:.2f}; "
           f"runs under {study.study_dir}; nothing submitted")
     return 0
@@ -82,8 +98,10 @@ def _run(args: argparse.Namespace) -> int:
         return print_study_plan(study, study.cells(args.sizes, args.domains), args.mfu,
                                 args.peak_tflops, args.json)
     cfg = TrainConfig.load(args.config, args.overrides)
+    model = _model_for(cfg, args.model)
     rows = [{"cell": Path(cfg.run_dir).name, **cost_estimate(
-        cfg, _model_for(cfg, args.model), args.gpus, args.mfu, args.peak_tflops)}]
+        cfg, model, args.gpus, args.mfu, args.peak_tflops),
+        "memory": _config_memory(cfg, model, args.gpus, args.gpu_memory_gb)}]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -94,6 +112,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{r['cell']:<28} {r['params'] / 1e9:>8.2f}B {r['gpus']:>4} {r['tokens']:>10.3e} "
               f"{r['flops']:>10.3e} {r['iterations']:>8} {r['checkpoints']:>5} "
               f"{r['gpu_hours']:>9.1f} {r['wall_hours']:>7.2f}")
+    for r in rows:
+        mem = r["memory"]
+        print(f"memory per GPU (GiB): weights {mem['weights_gib']}, gradients "
+              f"{mem['gradients_gib']}, optimizer {mem['optimizer_gib']}, activations "
+              f"{mem['activations_gib']}, total {mem['total_gib']}"
+              + (f" of {mem['usable_gib']} usable: {'fits' if mem['fits'] else 'DOES NOT FIT'}"
+                 if mem["usable_gib"] is not None else ""))
     total = sum(r["gpu_hours"] for r in rows)
     print(f"total: {total:.1f} GPU-hours at MFU {args.mfu:.2f} of {args.peak_tflops:.0f} TFLOP/s")
     return 0

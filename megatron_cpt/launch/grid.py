@@ -158,7 +158,9 @@ def eval_job(cell: Cell) -> EvalCell:
 
 def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
     """Cells with resources, tokens, FLOPs, GPU-hours and ``inputs`` (the input checks a real
-    launch runs: None when ready, else what is missing) (``plan --study`` and ``--dry-run``)."""
+    launch runs: None when ready, else what is missing), memory per GPU, checkpoint storage
+    and corpus epochs (``launch.capacity``) (``plan --study`` and ``--dry-run``)."""
+    from megatron_cpt.launch.capacity import capacity_row
     from megatron_cpt.models.qwen2 import ModelConfig
     from megatron_cpt.training.budget import cost_estimate
 
@@ -169,7 +171,8 @@ def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) 
         row = cost_estimate(cfg, ModelConfig.load(cell.size.model), cell.gpus or cell.world_size,
                             mfu, peak_tflops)
         rows.append({**cell.describe(), "time": cell.size.time, "inputs": input_problem(cell), **{
-            k: row[k] for k in ("params", "tokens", "flops", "iterations", "gpu_hours", "wall_hours")}})
+            k: row[k] for k in ("params", "tokens", "flops", "iterations", "gpu_hours", "wall_hours")},
+            **capacity_row(cell, row["tokens"])})
     return rows
 
 
@@ -250,8 +253,11 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
     local (cells one after another on this machine, requeued in place; returns when done).
     Rerunning it submits only what is missing: cells whose job is still queued or running are
     left alone, finished cells only get an evaluation job when checkpoints are unscored."""
+    from megatron_cpt.launch.capacity import check_memory
+
     for cell in cells:
         check_resources(cell)
+        check_memory(cell)
         check_inputs(cell)
     write_study_json(study, cells)
     launches_path = study.study_dir / "launches.json"

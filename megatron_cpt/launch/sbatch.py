@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_cpt import run_folder as rf
+from megatron_cpt.launch.capacity import check_memory
 from megatron_cpt.launch.study import REPO_ROOT, Cell, StudyConfig, check_resources
 from megatron_cpt.runtime.cuda_connections import shell_export
 
@@ -29,6 +30,7 @@ def _in_repo(path: Path) -> str:
 
 def render(cell: Cell) -> str:
     check_resources(cell)
+    check_memory(cell)  # a script for a cell that cannot fit is never written
     study, size, res = cell.study, cell.size, cell.study.resources
     mp = size.tp * size.pp
     dp = cell.world_size // mp

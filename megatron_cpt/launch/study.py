@@ -39,6 +39,8 @@ class SizeSpec:
 @dataclass
 class Resources:
     gpus_per_node: int = 8         # 0: CPU-only cluster (tests, demo)
+    gpu_memory_gb: float | None = None  # GiB per GPU: the memory planner refuses cells that
+                                        # do not fit (None: not checked)
     tasks_per_node: int = 8
     cpus_per_task: int = 12
     mem: str | None = None         # e.g. "0" (all of the node) or "2G"; None: cluster default
