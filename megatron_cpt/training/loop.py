@@ -9,7 +9,7 @@ OptimizerParamScheduler, pipeline schedules). :func:`train` reads top to bottom:
         optimizer_step                    #   update only if loss and grad norm are finite;
                                           #   else skip it or stop (exit EXIT_NONFINITE, no
                                           #   checkpoint of non-finite weights); log
-        validate_and_checkpoint
+        validate_and_checkpoint           #   commit a finished async save; validate; save
         stop_early -> save, exit EXIT_REQUEUE (launchers requeue the job)
     launch.finish(code)                   # final validation + checkpoint, exit_status.json
 """
