@@ -35,3 +35,19 @@ def test_throughput_script_on_cpu(tmp_path, backend):
     # fp32 on CPU: no fused kernel applies; TP1 leaves CUDA_DEVICE_MAX_CONNECTIONS alone
     assert r["fusions"] == dict.fromkeys(("gradient_accumulation_fusion", "apply_rope_fusion",
                                           "cross_entropy_loss_fusion"), False)
+
+
+def test_checkpoint_save_benchmark_on_tiny(tmp_path):
+    """Both kinds' bytes/parameter and the async stall (timings are not asserted: noisy)."""
+    out = tmp_path / "ckpt.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/checkpoint_save.py"), "--model", "tiny-a",
+           "--stall", "--compute-s", "0.05", "--work", str(tmp_path), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    # fp32 weights (4 B) plus the index and per-tensor overhead of a 250k-parameter model
+    assert 4.0 < r["evaluation_bytes_per_param"] < 4.5
+    # + fp32 main params, two Adam moments (distributed optimizer) and the RNG state
+    assert 16.0 < r["resume_bytes_per_param"] < 18.0
+    assert r["async_stall_s"] > 0 and r["sync_save_s"] > 0 and not list(tmp_path.glob("ckpt-bench-*"))

@@ -206,10 +206,14 @@ def test_storage_replay_matches_the_real_retention(tmp_path):
     saves, grid, keep_last = list(range(10, 101, 10)) + [105], {20, 40, 60, 80, 100}, 2
     root = tmp_path / "checkpoints"
     for it in saves:
-        (root / iter_name(it)).mkdir(parents=True)
+        (root / iter_name(it) / "optimizer").mkdir(parents=True)
+        (root / iter_name(it) / "metadata.json").write_text(json.dumps({"kind": "resume"}))
         _retain(root, it, keep_last, grid)
     on_disk = sorted(int(p.name[5:]) for p in root.iterdir())
     assert on_disk == [20, 40, 60, 80, 100, 105]
+    kinds = [json.loads((root / iter_name(i) / "metadata.json").read_text())["kind"]
+             for i in on_disk]
+    assert kinds == ["evaluation"] * 4 + ["resume"] * 2  # retention dropped their optimizer state
     st = memory.run_storage(1000, "bfloat16", saves, keep_last, grid)
     assert st["checkpoints_kept"] == len(on_disk)
     assert (st["evaluation_checkpoints"], st["resume_checkpoints"]) == (4, 2)

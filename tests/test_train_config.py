@@ -233,17 +233,32 @@ def test_schedule_shapes(style):
         assert lrs[99] < 0.12 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def _resume_ckpt(folder) -> None:
+    import json
+
+    for sub in ("weights", "optimizer", "trainer"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "metadata.json").write_text(json.dumps({"format": "megatron-cpt/1", "kind": "resume"}))
+
+
 def test_retention_keeps_last_k_and_evaluation_grid(tmp_path):
+    """The last k stay resume checkpoints; older ones on the grid keep their weights only."""
+    import json
+
     from megatron_cpt.training.checkpointing import _retain, iter_name
 
     for it in (10, 20, 30, 40, 50, 60):
-        (tmp_path / iter_name(it)).mkdir()
+        _resume_ckpt(tmp_path / iter_name(it))
     _retain(tmp_path, 60, keep_last=2, keep_iterations={20, 40})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         iter_name(i) for i in (20, 40, 50, 60)]
+    kind = lambda it: json.loads((tmp_path / iter_name(it) / "metadata.json").read_text())["kind"]  # noqa: E731
+    assert [kind(i) for i in (20, 40, 50, 60)] == ["evaluation"] * 2 + ["resume"] * 2
+    assert sorted(p.name for p in (tmp_path / iter_name(40)).iterdir()) == ["metadata.json", "weights"]
+    assert (tmp_path / iter_name(60) / "optimizer").is_dir()
     # after --resume-from 20 the folders after the one just saved (30) neither count as kept
     # nor push out a good one
-    (tmp_path / iter_name(30)).mkdir()
+    _resume_ckpt(tmp_path / iter_name(30))
     _retain(tmp_path, 30, keep_last=2, keep_iterations=set())
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         iter_name(i) for i in (20, 30, 40, 50, 60)]
@@ -259,6 +274,8 @@ def test_fault_hooks_read_only_their_own_point(monkeypatch):
     fault_hooks.crash_if_planned("crash_in_save", 7)  # another point: returns
     monkeypatch.setenv(fault_hooks.FAULT_ENV, "nan_loss@x")
     assert fault_hooks.planned("nan_loss") is None
+    monkeypatch.setenv(fault_hooks.FAULT_ENV, "slow_save@20,slow_steps@21")  # several at once
+    assert fault_hooks.planned("slow_save") == 20 and fault_hooks.planned("slow_steps") == 21
 
 
 def test_spike_watch_flags_a_loss_far_above_the_recent_mean():

@@ -104,7 +104,10 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
 
 
 def write_metadata(ckpt: Path, meta: dict[str, Any]) -> None:
-    (Path(ckpt) / METADATA).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+    """Atomic (temporary file, then rename): a reader sees the old or the new metadata."""
+    tmp = Path(ckpt) / f".{METADATA}.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+    os.replace(tmp, Path(ckpt) / METADATA)
 
 
 def save_weights(sharded_state_dict: dict, ckpt: Path) -> None:

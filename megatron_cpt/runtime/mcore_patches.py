@@ -41,7 +41,7 @@ def require_tested_mcore(patch: str) -> None:
                        "to try this version")
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """End this helper when the trainer that started it dies, even by SIGKILL: Linux's
     parent-death signal, and a parent-pid watch thread where prctl is unavailable."""
     import signal
@@ -73,7 +73,7 @@ def _writer_helper_init(parent: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent(parent)
+    die_with_parent(parent)
 
 
 def signal_proof_writer_queue() -> None:
@@ -84,7 +84,7 @@ def signal_proof_writer_queue() -> None:
     the very signal that asked for the save and the save failed with BrokenPipeError. Start
     the server ourselves with those signals ignored; the trainer's own processes keep
     handling them (flag -> agreed stop -> save). Since it ignores them, it ends itself when
-    the trainer dies (``_die_with_parent``), or a killed trainer would leave it behind.
+    the trainer dies (``die_with_parent``), or a killed trainer would leave it behind.
     Idempotent."""
     global _WRITER_MANAGER
     from multiprocessing import get_context

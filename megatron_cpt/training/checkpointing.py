@@ -1,25 +1,36 @@
 """Run checkpoints: ``RUN/checkpoints/iter_0000100/`` folders in the checkpoint-store format.
 
 Each run checkpoint is a regular store checkpoint (``weights/``, ``model.yaml``, ``tokenizer/``,
-``metadata.json``), so conversion and evaluation read it like a converted one; training adds:
+``metadata.json``), so conversion and evaluation read it like a converted one. Two kinds
+(``metadata.json`` ``kind``):
 
-* in ``weights/`` (one Megatron dist checkpoint): the model *and* the optimizer state
-  (distributed optimizer in ``fully_sharded_model_space`` form);
-* ``trainer/rank_NNNNN.pt``: each rank's RNG states (python, numpy, torch, CUDA, Megatron's
-  model-parallel tracker);
-* ``metadata.json``: kind ``trained``, iteration, consumed_samples, tokens, flops, the
-  scheduler state and the config hash.
+* ``resume`` (the last ``checkpoint.keep_last``): ``weights/`` (a Megatron dist checkpoint of the
+  model only, in the training dtype), ``optimizer/`` (the optimizer state as its own dist
+  checkpoint: distributed optimizer in ``dp_reshardable`` form), ``trainer/rank_NNNNN.pt`` (each
+  rank's RNG states), and in ``metadata.json`` iteration, consumed_samples, tokens, flops, the
+  scheduler state and the config hash;
+* ``evaluation`` (older checkpoints on the ``keep_every_tokens`` grid): ``weights/`` and
+  metadata only. Retention turns a resume checkpoint into one by rewriting ``metadata.json``
+  (atomically, first) and then removing ``optimizer/`` and ``trainer/``.
+
+Writes go through Megatron-core's dist checkpointing, optionally fully parallel (each DP rank
+writes and reads its share: ``FullyParallelSave/LoadStrategyWrapper``) and asynchronous
+(``async_sharded_save`` + ``AsyncCallsQueue``: the loop blocks for the host copy only; the
+write runs in a forked process; the commit below runs once every rank's write finished, at a
+later step's :meth:`Checkpointer.poll` or at :meth:`Checkpointer.wait`).
 
 Commit protocol (a crash at any point leaves the previous checkpoint intact):
-  1. all ranks write into ``checkpoints/.iter_N.tmp/``;
-  2. barrier; rank 0 writes ``metadata.json`` last, renames the folder to ``iter_N``;
+  1. all ranks write into ``checkpoints/.iter_N.tmp/`` (sync, or async in the background);
+  2. once every rank's write finished: rank 0 writes ``metadata.json`` last, renames the folder
+     to ``iter_N``;
   3. rank 0 rewrites ``checkpoints/latest`` (write ``latest.tmp``, fsync, rename);
-  4. rank 0 applies retention (keep the last k plus the evaluation grid).
+  4. rank 0 applies retention (keep the last k; demote the evaluation grid; delete the rest).
 ``latest`` is the only pointer that resume trusts; leftover ``.tmp`` folders are removed at
 the next start.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -37,7 +48,8 @@ from megatron_cpt.runtime import mcore_patches
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import fault_hooks
 
-TRAINER = "trainer"
+TRAINER, OPTIMIZER = "trainer", "optimizer"
+RESUME, EVALUATION = "resume", "evaluation"  # metadata.json kind of a run checkpoint
 
 
 def iter_name(iteration: int) -> str:
@@ -66,28 +78,41 @@ def committed(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: _iteration_of(p.name))
 
 
-def checkpoint_problem(ckpt: Path, world: int) -> str | None:
-    """Why ``ckpt`` cannot be resumed by ``world`` ranks, or None: every file a resume reads
-    is checked (metadata, the dist checkpoint's index and each ``.distcp`` it names, the
-    per-rank trainer state), so a resume never fails half-way through loading."""
+def _dist_problem(ckpt: Path, sub: str) -> str | None:
+    """Why the dist checkpoint ``ckpt/sub`` cannot be read, or None: its index and each
+    ``.distcp`` file it names, complete."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    weights = ckpt / store.WEIGHTS
+    folder = ckpt / sub
+    if not (folder / ".metadata").is_file():
+        return f"has no {sub}/ (or its .metadata)"
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    except Exception as exc:  # a torn or foreign index: any reader error means unusable
+        return f"has an unreadable {sub}/.metadata ({type(exc).__name__})"
+    for info in storage.values():
+        f = folder / info.relative_path
+        if not f.is_file() or f.stat().st_size < info.offset + info.length:
+            return f"lacks {sub}/{info.relative_path} (missing or truncated)"
+    return None
+
+
+def checkpoint_problem(ckpt: Path, world: int) -> str | None:
+    """Why ``ckpt`` cannot be resumed by ``world`` ranks, or None: every file a resume reads
+    is checked (metadata, both dist checkpoints' indexes and each ``.distcp`` they name, the
+    per-rank trainer state), so a resume never fails half-way through loading."""
     if not ckpt.is_dir():
         return "does not exist"
     if not (ckpt / store.METADATA).is_file():
         return f"has no {store.METADATA} (never committed)"
-    if not (weights / ".metadata").is_file():
-        return f"has no {store.WEIGHTS}/ (or its .metadata)"
-    try:
-        storage = FileSystemReader(str(weights)).read_metadata().storage_data
-    except Exception as exc:  # a torn or foreign index: any reader error means unusable
-        return f"has an unreadable {store.WEIGHTS}/.metadata ({type(exc).__name__})"
-    for info in storage.values():
-        f = weights / info.relative_path
-        if not f.is_file() or f.stat().st_size < info.offset + info.length:
-            return f"lacks {store.WEIGHTS}/{info.relative_path} (missing or truncated)"
-    ranks = json.loads((ckpt / store.METADATA).read_text()).get("world_size")
+    meta = json.loads((ckpt / store.METADATA).read_text())
+    if meta.get("kind") == EVALUATION:
+        return "is an evaluation checkpoint (weights only, its optimizer state was dropped)"
+    for sub in (store.WEIGHTS, OPTIMIZER):
+        problem = _dist_problem(ckpt, sub)
+        if problem:
+            return problem
+    ranks = meta.get("world_size")
     if ranks != world:
         return (f"was written by {ranks} ranks, this launch has {world}; resume with the same "
                 "number of processes and the same TP/PP")
@@ -196,42 +221,160 @@ def _state_dicts(gpt, optimizer, is_loading: bool) -> dict:
 
 
 
-def save(run_dir: Path, iteration: int, gpt, optimizer, scheduler, meta: dict,
-         pretrained: Path, keep_last: int, keep_iterations: set[int]) -> Path:
-    """Collective: every rank calls it. Returns the committed folder."""
-    from megatron.core import dist_checkpointing
+def _save_strategy(fully_parallel: bool):
+    """Megatron-core's default torch_dist writer; fully parallel: each DP rank writes its
+    share of the replicated tensors instead of DP rank 0 writing them all."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import \
+        FullyParallelSaveStrategyWrapper
 
-    mcore_patches.signal_proof_writer_queue()
-    rank = dist.get_rank()
-    root = RunFolder(run_dir).checkpoints
-    final = root / iter_name(iteration)
-    tmp = root / f".{iter_name(iteration)}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / store.WEIGHTS).mkdir(parents=True)
-        (tmp / TRAINER).mkdir()
-    dist.barrier()
-    dist_checkpointing.save(_state_dicts(gpt, optimizer, is_loading=False), str(tmp / store.WEIGHTS))
-    torch.save(_rng_state(), tmp / TRAINER / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    fault_hooks.crash_if_planned("crash_in_save", iteration)
-    if rank == 0:
-        shutil.copy2(Path(pretrained) / store.MODEL_YAML, tmp / store.MODEL_YAML)
-        shutil.copytree(Path(pretrained) / store.TOKENIZER, tmp / store.TOKENIZER)
-        store.write_metadata(tmp, {"kind": "trained", "iteration": iteration,
-                                   "scheduler": scheduler.state_dict(),
-                                   "adam_step": _adam_step(optimizer),
-                                   "world_size": dist.get_world_size(), **meta})
-        if final.exists():  # an uncommitted folder of the same iteration (crash after rename)
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_latest(RunFolder(run_dir).latest_pointer, final.name)
-        _retain(root, iteration, keep_last, keep_iterations)
-    dist.barrier()
-    return final
+    base = get_default_save_sharded_strategy()
+    if not fully_parallel:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _load_strategy(folder: Path, fully_parallel: bool):
+    """The matching reader; fully parallel: each DP rank reads a share, then they exchange."""
+    if not fully_parallel:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import \
+        FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(folder)),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _in_writer(fn, iteration: int, parent: int):
+    """The async write as it runs in its forked process: it dies with the trainer (a killed
+    rank leaves no writer behind to fill a folder the relaunch reuses); test delay here."""
+    def run(*args, **kwargs):
+        mcore_patches.die_with_parent(parent)
+        fault_hooks.delay_if_planned("slow_save", iteration)
+        return fn(*args, **kwargs)
+    return run
+
+
+def _one_request(requests: list, commit, iteration: int):
+    """The async writes of one checkpoint as one background process, one after the other.
+    Megatron-core's writers report their results through one global queue, so two writes in
+    flight at once swap results (each ``.metadata`` then indexes the other's files). The host
+    copy (``preload_fn``) happens here, in the loop; the finalizations run in write order,
+    then ``commit``."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    calls = []
+    for r in requests:
+        args = list(r.async_fn_args)
+        if r.preload_fn is not None:
+            args[1] = r.preload_fn()
+        if r.async_fn is not None:
+            calls.append((r.async_fn, args, r.async_fn_kwargs))
+
+    def write_all() -> None:
+        for fn, args, kwargs in calls:
+            fn(*args, **kwargs)
+    finalize = [f for r in requests for f in r.finalize_fns] + [commit]
+    return AsyncRequest(_in_writer(write_all, iteration, os.getpid()), (), finalize)
+
+
+@dataclass
+class SaveOptions:
+    """Where and how a launch checkpoints (``checkpoint`` section + the plan's grid)."""
+
+    run_dir: Path
+    pretrained: Path
+    keep_last: int
+    keep_iterations: set[int]
+    async_save: bool = False
+    fully_parallel: bool = False
+
+
+class Checkpointer:
+    """Writes a launch's checkpoints and commits each one once every rank's write finished:
+    at once (sync), or at a later :meth:`poll` / :meth:`wait` (async). Collective methods."""
+
+    def __init__(self, opts: SaveOptions):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.opts = opts
+        self.queue = AsyncCallsQueue() if opts.async_save else None
+        self.pending: int | None = None   # the iteration being written in the background
+        self.committed: list[str] = []    # folders committed since the caller last drained it
+
+    def save(self, iteration: int, gpt, optimizer, scheduler, meta: dict) -> Path:
+        """Write checkpoint ``iteration`` (waiting first for one still in flight); returns its
+        final folder, committed already when sync."""
+        self.wait()
+        mcore_patches.signal_proof_writer_queue()
+        root = RunFolder(self.opts.run_dir).checkpoints
+        final, tmp = root / iter_name(iteration), root / f".{iter_name(iteration)}.tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / TRAINER).mkdir(parents=True)
+        dist.barrier()
+        torch.save(_rng_state(), tmp / TRAINER / f"rank_{dist.get_rank():05d}.pt")
+        meta = {"kind": RESUME, "iteration": iteration, "scheduler": scheduler.state_dict(),
+                "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size(), **meta}
+        commit = functools.partial(self._commit, tmp, final, iteration, meta)
+        state = _state_dicts(gpt, optimizer, is_loading=False)
+        requests = [self._write(state["model"], tmp / store.WEIGHTS, iteration),
+                    self._write(state["optimizer"], tmp / OPTIMIZER, iteration)]
+        if self.queue is None:
+            commit()
+            return final
+        self.queue.schedule_async_request(_one_request(requests, commit, iteration))
+        self.pending = iteration
+        return final
+
+    def _write(self, sharded: dict, folder: Path, iteration: int):
+        """One dist checkpoint: written now (sync) or an AsyncRequest to schedule."""
+        from megatron.core import dist_checkpointing
+
+        if dist.get_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        strategy = _save_strategy(self.opts.fully_parallel)
+        return dist_checkpointing.save(sharded, str(folder), sharded_strategy=strategy,
+                                       async_sharded_save=self.queue is not None)
+
+    def poll(self) -> None:
+        """Commit the background save if every rank's write has finished (one all-reduce;
+        nothing when none is in flight, the same on every rank)."""
+        if self.queue is not None and self.pending is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+            if self.queue.get_num_unfinalized_calls() == 0:
+                self.pending = None
+
+    def wait(self) -> None:
+        """Block until the background save is written and committed (before the next save,
+        a stop and the exit)."""
+        if self.queue is not None and self.pending is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            self.pending = None
+
+    def _commit(self, tmp: Path, final: Path, iteration: int, meta: dict) -> None:
+        """Steps 2-4 of the commit protocol (every rank calls it; rank 0 acts)."""
+        dist.barrier()
+        fault_hooks.crash_if_planned("crash_in_save", iteration)
+        if dist.get_rank() == 0:
+            o, root = self.opts, final.parent
+            shutil.copy2(Path(o.pretrained) / store.MODEL_YAML, tmp / store.MODEL_YAML)
+            shutil.copytree(Path(o.pretrained) / store.TOKENIZER, tmp / store.TOKENIZER)
+            store.write_metadata(tmp, meta)
+            if final.exists():  # an uncommitted folder of the same iteration (crash after rename)
+                old = root / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_latest(RunFolder(o.run_dir).latest_pointer, final.name)
+            _retain(root, iteration, o.keep_last, o.keep_iterations)
+        dist.barrier()
+        self.committed.append(final.name)
 
 
 def _write_latest(pointer: Path, name: str) -> None:
@@ -245,14 +388,29 @@ def _write_latest(pointer: Path, name: str) -> None:
 
 
 def _retain(root: Path, newest: int, keep_last: int, keep_iterations: set[int]) -> None:
-    """Keep the last ``keep_last`` checkpoints up to ``newest`` (the one just committed) and
-    the evaluation grid. Folders after ``newest`` (left behind by ``--resume-from`` an older
-    one) neither count as kept nor push a good checkpoint out; the next saves replace them."""
+    """Keep the last ``keep_last`` checkpoints up to ``newest`` (the one just committed) as
+    resume checkpoints; older ones on the evaluation grid become evaluation checkpoints, the
+    rest go. Folders after ``newest`` (left behind by ``--resume-from`` an older one) neither
+    count as kept nor push a good checkpoint out; the next saves replace them."""
     its = sorted(i for i in (_iteration_of(p.name) for p in root.glob("iter_*"))
                  if i is not None and i <= newest)
     for it in its[:-keep_last] if len(its) > keep_last else []:
-        if it not in keep_iterations:
+        if it in keep_iterations:
+            drop_optimizer_state(root / iter_name(it))
+        else:
             shutil.rmtree(root / iter_name(it), ignore_errors=True)
+
+
+def drop_optimizer_state(ckpt: Path) -> None:
+    """Make ``ckpt`` an evaluation checkpoint: ``metadata.json`` says so first (atomically),
+    then ``optimizer/`` and ``trainer/`` go; idempotent, so a crash in between is finished
+    by the next retention."""
+    meta = json.loads((ckpt / store.METADATA).read_text())
+    if meta.get("kind") != EVALUATION:
+        meta.pop("format", None)
+        store.write_metadata(ckpt, {**meta, "kind": EVALUATION})
+    shutil.rmtree(ckpt / OPTIMIZER, ignore_errors=True)
+    shutil.rmtree(ckpt / TRAINER, ignore_errors=True)
 
 
 def _torch_optimizers(optimizer) -> list:
@@ -302,28 +460,32 @@ def _restore_adam_step(optimizer, step: float | None) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def _load_strict(ckpt: Path, sharded: dict) -> dict:
-    """Megatron's dist load refusing any missing or unexpected key, as one line (exit 2)."""
+def _load_strict(ckpt: Path, sub: str, sharded: dict, fully_parallel: bool) -> dict:
+    """Megatron's dist load of ``ckpt/sub`` refusing any missing or unexpected key, as one
+    line (exit 2)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    folder = Path(ckpt) / sub
     try:
-        return dist_checkpointing.load(sharded, str(Path(ckpt) / store.WEIGHTS),
-                                       strict=StrictHandling.RAISE_ALL)
+        return dist_checkpointing.load(sharded, str(folder), strict=StrictHandling.RAISE_ALL,
+                                       sharded_strategy=_load_strategy(folder, fully_parallel))
     except Exception as exc:  # CheckpointingException or torch's CheckpointException
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{ckpt} cannot be resumed: {first}; pass --resume-from an older "
                          "checkpoint") from exc
 
 
-def load(ckpt: Path, gpt, optimizer, scheduler) -> dict:
+def load(ckpt: Path, gpt, optimizer, scheduler, fully_parallel: bool = False) -> dict:
     """Full resume (collective): model, optimizer, scheduler, RNG. Returns the metadata."""
     meta = store.read_metadata(ckpt)
     if meta.get("world_size") != dist.get_world_size():
         raise UsageError(f"{ckpt} was written by {meta.get('world_size')} ranks; resume it with "
                          "the same number of processes and the same TP/PP")
     _init_optimizer_state(optimizer)
-    state = _load_strict(ckpt, _state_dicts(gpt, optimizer, is_loading=True))
+    sharded = _state_dicts(gpt, optimizer, is_loading=True)
+    state = {"model": _load_strict(ckpt, store.WEIGHTS, sharded["model"], fully_parallel),
+             "optimizer": _load_strict(ckpt, OPTIMIZER, sharded["optimizer"], fully_parallel)}
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         result = gpt.load_state_dict(state["model"], strict=False)
         keys = [k for k in result.missing_keys + result.unexpected_keys

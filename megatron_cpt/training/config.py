@@ -111,6 +111,10 @@ class CheckpointSection:
     keep_last: int = 2                 # plus every checkpoint on the evaluation grid
     keep_every_tokens: float | None = None  # evaluation grid: keep checkpoints at multiples of this
     save_at_end: bool = True
+    async_save: bool = False           # write in the background (Megatron-core async save); the loop
+                                       # blocks only for the host copy; commit when all ranks finished
+    fully_parallel: bool = False       # every DP rank writes / reads its share (Megatron-core's
+                                       # FullyParallelSave/LoadStrategyWrapper over the DP group)
 
 
 @dataclass

@@ -14,7 +14,10 @@ Points:
     while ``RUN/hang/`` does not exist yet, so the retried launch runs through (loop.py);
   * ``slow_rank@R``: global rank R sleeps :data:`SLOW_S` before each step (a straggler);
   * ``slow_steps@N``: every iteration from N on takes a second longer (loop.py), so a test
-    can act on a launch that is still running.
+    can act on a launch that is still running;
+  * ``slow_save@N``: the background writer of async checkpoint N waits :data:`SLOW_SAVE_S`
+    before writing (checkpointing.py), so a test can signal or kill a launch mid-write.
+Several faults: comma-separated, e.g. ``slow_save@20,slow_steps@20``.
 ``MEGATRON_CPT_TEST_FAULT_ONCE=FILE`` makes the fault fire once: not while FILE exists, and
 FILE is created when it fires (a requeued job keeps its environment).
 The loop reads its fault once per launch; each step costs one integer comparison.
@@ -31,15 +34,18 @@ ONCE_ENV = "MEGATRON_CPT_TEST_FAULT_ONCE"
 FAULT_EXIT = 17
 CRASH_EXIT = 1
 SLOW_S = 1.0
+SLOW_SAVE_S = 6.0
 
 
 def planned(point: str) -> int | None:
     """The iteration at which ``point`` is set to fail, or None (always, outside tests)."""
-    name, _, iteration = os.environ.get(FAULT_ENV, "").partition("@")
-    if name != point or not iteration.isdigit():
-        return None
+    at = None
+    for fault in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, iteration = fault.strip().partition("@")
+        if name == point and iteration.isdigit():
+            at = int(iteration)
     once = os.environ.get(ONCE_ENV)
-    return None if once and os.path.exists(once) else int(iteration)
+    return None if at is None or (once and os.path.exists(once)) else at
 
 
 def _fired() -> None:
@@ -53,6 +59,13 @@ def crash_if_planned(point: str, iteration: int) -> None:
         print(f"[test fault] {point} at iteration {iteration}: exiting {FAULT_EXIT}", flush=True)
         _fired()
         os._exit(FAULT_EXIT)
+
+
+def delay_if_planned(point: str, iteration: int) -> None:
+    """Sleep :data:`SLOW_SAVE_S` (a slow file system) where ``point`` is planned."""
+    if planned(point) == iteration:
+        print(f"[test fault] {point} at iteration {iteration}: waiting {SLOW_SAVE_S} s", flush=True)
+        time.sleep(SLOW_SAVE_S)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ OptimizerParamScheduler, pipeline schedules). :func:`train` reads top to bottom:
         optimizer_step                    #   update only if loss and grad norm are finite;
                                           #   else skip it or stop (exit EXIT_NONFINITE, no
                                           #   checkpoint of non-finite weights); log
-        validate_and_checkpoint
+        validate_and_checkpoint           #   commit a finished async save; validate; save
         stop_early -> save, exit EXIT_REQUEUE (launchers requeue the job)
     launch.finish(code)                   # final validation + checkpoint, exit_status.json
 """
@@ -111,6 +111,14 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
     if par.overlap_param_gather and par.distributed_optimizer:
         gpt.config.param_sync_func = model.start_param_sync
     return gpt, model, optimizer, scheduler
+
+
+def _save_options(plan: RunPlan) -> "checkpointing.SaveOptions":
+    c = plan.cfg.checkpoint
+    return checkpointing.SaveOptions(
+        run_dir=Path(plan.cfg.run_dir), pretrained=Path(plan.cfg.model.pretrained),
+        keep_last=c.keep_last, keep_iterations=plan.keep_iterations, async_save=c.async_save,
+        fully_parallel=c.fully_parallel)
 
 
 def _build(plan: RunPlan, device):
@@ -259,6 +267,7 @@ class Launch:
         self.spikes = nonfinite.SpikeWatch(cfg.train.spike_factor)
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
+        self.checkpointer = checkpointing.Checkpointer(_save_options(plan))
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
         self.data = LaunchData(plan, run)
         self.dp_rank = ps.get_data_parallel_rank()
@@ -296,7 +305,8 @@ class Launch:
         """Load the latest checkpoint (later launches); returns the iteration to start at."""
         if ckpt is None:
             return 0
-        meta = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler)
+        meta = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler,
+                                  fully_parallel=self.cfg.checkpoint.fully_parallel)
         start, self.skipped = meta["iteration"], meta.get("skipped_steps", 0)
         self.metrics.write({"kind": "event", "iteration": start, "event": "resume",
                             "details": ckpt.name})
@@ -314,8 +324,9 @@ class Launch:
                 "flops": it * self.flops_per_iter}
 
     def save(self, it: int) -> bool:
-        """Collective: one committed checkpoint of iteration ``it``; never of non-finite
-        weights (then nothing is written, ``latest`` stays, and it returns False)."""
+        """Collective: one checkpoint of iteration ``it`` (committed now, or by a later
+        :meth:`saves_done` when ``checkpoint.async_save``); never of non-finite weights (then
+        nothing is written, ``latest`` stays, and it returns False)."""
         if not nonfinite.weights_finite(self.gpt, self.device):
             self.metrics.write({"kind": "event", "iteration": it, "event": "nonfinite",
                                 "details": f"non-finite weights: no checkpoint of iteration {it}"})
@@ -327,14 +338,30 @@ class Launch:
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
                 "skipped_steps": self.skipped,
                 "source": {"type": "pretrained", "path": self.cfg.model.pretrained}}
-        path = checkpointing.save(self.run.path, it, self.gpt, self.optimizer, self.scheduler, meta,
-                                  Path(self.cfg.model.pretrained), self.cfg.checkpoint.keep_last,
-                                  self.plan.keep_iterations)
+        self.checkpointer.save(it, self.gpt, self.optimizer, self.scheduler, meta)
         self.saved_at = it
         self.watchdog.beat(it)
-        self.metrics.write({"kind": "event", "iteration": it, "event": "checkpoint",
-                            "details": path.name})
+        self._log_commits()
         return True
+
+    def saves_done(self, wait: bool) -> None:
+        """Commit a background save whose writes finished on every rank (``wait``: block
+        until it has; before a stop and at the exit). Collective; free when none is pending."""
+        if self.checkpointer.pending is None:
+            return
+        if wait:
+            self.watchdog.phase(f"async checkpoint write of iteration {self.checkpointer.pending}")
+            self.checkpointer.wait()
+            self.watchdog.beat(self.iteration)
+        else:
+            self.checkpointer.poll()
+        self._log_commits()
+
+    def _log_commits(self) -> None:
+        for name in self.checkpointer.committed:
+            self.metrics.write({"kind": "event", "iteration": self.iteration, "event": "checkpoint",
+                                "details": name})
+        self.checkpointer.committed.clear()
 
     def validation_loss(self, it: int) -> None:
         """Mean loss on each validation set, written as ``valid`` records (collective)."""
@@ -473,6 +500,7 @@ class Launch:
     def validate_and_checkpoint(self) -> None:
         """The validation loss and the checkpoint the plan asks for at this iteration."""
         it = self.iteration
+        self.saves_done(wait=False)
         if self.data.valid and self._validation_due(it):
             self.validation_loss(it)
         if it in self.plan.budget.checkpoint_iterations:
@@ -488,6 +516,7 @@ class Launch:
             return None
         if self.saved_at != it:
             self.save(it)
+        self.saves_done(wait=True)  # exit 42 only with the checkpoint committed
         why = f"signal {stop.received}" if stop.received else \
             ("stop request from another rank or walltime" if want_stop else "stop_after_iterations")
         self.metrics.write({"kind": "event", "iteration": it, "event": "stop", "details": why})
@@ -503,6 +532,8 @@ class Launch:
                 self.validation_loss(it)
             if self.cfg.checkpoint.save_at_end and self.saved_at != it:
                 self.save(it)
+        self.saves_done(wait=True)  # every exit path: no background write left uncommitted
+        if code == rf.EXIT_OK:
             self.metrics.write({"kind": "event", "iteration": it, "event": "done", "details": ""})
         if self.rank == 0:  # the launcher reads this even where torchrun masks the exit code
             self.run.write_exit_status(code, it, self.plan.budget.iterations)
