@@ -388,6 +388,26 @@ def _restore_adam_step(optimizer, step: float | None) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, except for megatron-core 0.16.1's ``fully_reshardable``
+    load with torch Adam (no Apex/TE): it copies every state key of a param from the loaded
+    tensors, torch Adam's ``step`` included, which they lack (KeyError 'step'). So load the param
+    groups first, then the parameter state with ``step`` set aside (:func:`_restore_adam_step`
+    sets the saved one afterwards)."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(opts) == 1 else [state[k] for k in sorted(state)]
+    if not any(p.get("param_state_sharding_type") == FULLY_RESHARDABLE for p in parts):
+        optimizer.load_state_dict(state)
+        return
+    for opt, part in zip(opts, parts):
+        param_state = part.pop("param_state")
+        opt.load_state_dict(part)
+        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+
+
 def _load_strict(ckpt: Path, sharded: dict) -> dict:
     """Megatron's dist load refusing any missing or unexpected key, as one line (exit 2)."""
     from megatron.core import dist_checkpointing
@@ -421,7 +441,7 @@ def load(ckpt: Path, gpt, optimizer, scheduler, layout: Layout | None = None,
         if keys:
             raise UsageError(f"{ckpt} does not match this model (keys {keys[:3]}); resume it with "
                              "the config that wrote it")
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
     _restore_adam_step(optimizer, meta.get("adam_step"))
     scheduler.load_state_dict(meta["scheduler"])
     meta["rng"] = _restore_rng(Path(ckpt), meta, layout, seed)
