@@ -4,7 +4,8 @@ iterations each run, stopped by ``train.stop_after_iterations`` and relaunched o
 - DP2 -> DP1 -> DP2 (``dp_reshardable``): losses equal to the uninterrupted run within 1e-5,
   every sample of the budget consumed exactly once, RNG restored exactly.
 - TP2 (``dp_reshardable``) refused at TP1 with one line (exit 2), saved once more at TP2 with
-  ``fully_reshardable``, then resumed at TP1; PP2 -> PP1 (``fully_reshardable``): losses within 1e-4.
+  ``fully_reshardable``, then resumed at TP1; PP2 -> PP1 (``fully_reshardable``): losses within
+  1e-4.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def test_dp2_to_dp1_to_dp2_continues_the_data_order_exactly(toy, uninterrupted, 
         (2, "TP1 PP1 DP2 -> TP1 PP1 DP1"), (4, "TP1 PP1 DP1 -> TP1 PP1 DP2")], events
     assert all("dp_reshardable optimizer state resharded; RNG states restored exactly" in d
                for _, d in events), events
-    assert _layouts(run_dir) == [(0, 1, 1, 2, 2, "dp_reshardable"), (2, 1, 1, 1, 1, "dp_reshardable"),
-                                 (4, 1, 1, 2, 2, "dp_reshardable")]
+    dp = "dp_reshardable"
+    assert _layouts(run_dir) == [(0, 1, 1, 2, 2, dp), (2, 1, 1, 1, 1, dp), (4, 1, 1, 2, 2, dp)]
 
 
 def _check_refusal(toy, run_dir: Path) -> None:
@@ -119,10 +120,13 @@ def test_what_cannot_load_is_refused():
     """Unit checks of :func:`checkpointing.layout_problem` on metadata records."""
     from megatron_cpt.training.checkpointing import Layout, layout_problem
 
-    dp2 = {"world_size": 2, "layout": Layout.of(1, 1, 2).to_dict(), "optimizer_format": "dp_reshardable"}
+    dp2 = {"world_size": 2, "layout": Layout.of(1, 1, 2).to_dict(),
+           "optimizer_format": "dp_reshardable"}
     assert layout_problem(dp2, Layout.of(1, 1, 1)) is None
-    assert "resumes only at TP1 PP1 (any DP), not at TP2 PP1 DP1" in layout_problem(dp2, Layout.of(2, 1, 1))
-    assert layout_problem({**dp2, "optimizer_format": "fully_reshardable"}, Layout.of(2, 2, 1)) is None
+    assert "resumes only at TP1 PP1 (any DP), not at TP2 PP1 DP1" in \
+        layout_problem(dp2, Layout.of(2, 1, 1))
+    full = {**dp2, "optimizer_format": "fully_reshardable"}
+    assert layout_problem(full, Layout.of(2, 2, 1)) is None
     over = {**dp2, "layout": Layout.of(1, 1, 2, overlap_grad_reduce=True).to_dict()}
     assert layout_problem(over, Layout.of(1, 1, 40, overlap_grad_reduce=True)) is None
     assert "gradient buckets of 40000000 parameters, this launch uses 64000000" in \

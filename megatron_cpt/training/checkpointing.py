@@ -61,7 +61,8 @@ class Layout:
 
     @classmethod
     def of(cls, tp: int, pp: int, dp: int, overlap_grad_reduce: bool = False) -> "Layout":
-        return cls(tp, pp, dp, max(MCORE_MIN_BUCKET, 1_000_000 * dp) if overlap_grad_reduce else None)
+        bucket = max(MCORE_MIN_BUCKET, 1_000_000 * dp) if overlap_grad_reduce else None
+        return cls(tp, pp, dp, bucket)
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Layout | None":
@@ -464,8 +465,8 @@ def _restore_rng(ckpt: Path, meta: dict, layout: Layout, seed: int) -> str | Non
     if (old.tp, old.pp) == (layout.tp, layout.pp):
         src = dist.get_rank() if old.dp == layout.dp else old.rank(tp, dp % old.dp, pp)
         _set_rng_state(torch.load(ckpt / TRAINER / f"rank_{src:05d}.pt", weights_only=False))
-        return None if old.dp == layout.dp else (
-            f"RNG states restored exactly: DP {old.dp} -> {layout.dp} (DP replicas share one state)")
+        return None if old.dp == layout.dp else (f"RNG states restored exactly: DP {old.dp} -> "
+                                                 f"{layout.dp} (DP replicas share one state)")
     set_seed((seed * 1_000_003 + int(meta["iteration"])) % 2**31)
     return (f"per-rank RNG states not restored: TP/PP changed ({old.describe()} -> "
             f"{layout.describe()}); every rank re-seeded from train.seed and iteration "
