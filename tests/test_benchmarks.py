@@ -51,3 +51,22 @@ def test_checkpoint_save_benchmark_on_tiny(tmp_path):
     # + fp32 main params, two Adam moments (distributed optimizer) and the RNG state
     assert 16.0 < r["resume_bytes_per_param"] < 18.0
     assert r["async_stall_s"] > 0 and r["sync_save_s"] > 0 and not list(tmp_path.glob("ckpt-bench-*"))
+
+
+def test_optimizer_format_benchmark_saves_both_formats(tmp_path):
+    """benchmarks/optimizer_format.py at DP2 (torchrun, gloo): both formats written and timed;
+    each holds the same state (fp32: weights 4 + main params and two Adam moments 12 bytes per
+    parameter, so about 16 B/param either way)."""
+    out = tmp_path / "fmt.json"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+           "--nproc_per_node", "2", str(REPO / "benchmarks/optimizer_format.py"), "--model",
+           "tiny-a", "--rounds", "1", "--dir", str(tmp_path / "ckpt"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 2 and r["parameters"] > 0
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        assert r["save_s"][fmt] > 0
+        assert 15 < r["bytes_per_param"][fmt] < 19, r["bytes_per_param"]
+    assert not (tmp_path / "ckpt").exists()  # cleaned up

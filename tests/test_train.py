@@ -483,10 +483,26 @@ def test_fresh_folder_check_says_fresh_start(tmp_path):
         checkpointing.plan_resume(tmp_path / "run", 1)
 
 
-def test_resume_with_another_world_size_is_refused(single):
+def test_resume_at_another_dp_is_planned_and_another_tp_refused(single, tmp_path):
+    """``single`` is a real TP1 ``dp_reshardable`` checkpoint: DP may change, TP may not; a
+    checkpoint without a layout record (older code) needs its own world size."""
     from megatron_cpt.errors import UsageError
     from megatron_cpt.training import checkpointing
+    from megatron_cpt.training.checkpointing import Layout
 
-    with pytest.raises(UsageError, match="iter_0000030 was written by 1 ranks, this launch has 2; "
-                                         "resume with the same number of processes"):
-        checkpointing.plan_resume(single, 2)
+    assert checkpointing.plan_resume(single, 2).describe() == (
+        "resume at iteration 30 from iter_0000030 (checkpoints/latest); "
+        "layout TP1 PP1 DP1 -> TP1 PP1 DP2")
+    with pytest.raises(UsageError, match="iter_0000030 was saved at TP1 PP1 DP1 with "
+                                         "checkpoint.optimizer_format=dp_reshardable, which resumes "
+                                         "only at TP1 PP1 \\(any DP\\), not at TP2 PP1 DP1"):
+        checkpointing.plan_resume(single, 2, layout=Layout.of(2, 1, 1))
+    old = tmp_path / "run"
+    shutil.copytree(single / "checkpoints", old / "checkpoints")
+    meta_path = old / "checkpoints" / "iter_0000030" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["layout"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="was written by 1 ranks before layouts were recorded, "
+                                         "this launch has 2"):
+        checkpointing.plan_resume(old, 2)

@@ -55,6 +55,19 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
     assert TrainConfig.load(CONFIG, ["train.on_nonfinite=skip"]).result_hash() == b.result_hash()
     with pytest.raises(UsageError, match="train.on_nonfinite 'retry' unknown; choose stop or skip"):
         TrainConfig.load(CONFIG, ["train.on_nonfinite=retry"])
+    # the optimizer format is a checkpoint setting (not hashed); TP/PP are, but a run folder
+    # accepts a config that differs only in them (preflight compares cfg.with_layout(old))
+    fmt = TrainConfig.load(CONFIG, ["checkpoint.optimizer_format=fully_reshardable"])
+    assert fmt.result_hash() == b.result_hash()
+    with pytest.raises(UsageError, match="checkpoint.optimizer_format 'full' unknown; choose "
+                                         "dp_reshardable or fully_reshardable"):
+        TrainConfig.load(CONFIG, ["checkpoint.optimizer_format=full"])
+    tp2 = TrainConfig.load(CONFIG, ["parallel.tp=2", "parallel.pp=2"])
+    assert tp2.result_hash() != b.result_hash()
+    assert tp2.with_layout({"tp": 1, "pp": 1, "sequence_parallel": False}).result_hash() == \
+        b.result_hash() and tp2.parallel.tp == 2
+    lr = TrainConfig.load(CONFIG, ["parallel.tp=2", "optimizer.lr=1e-4"])
+    assert lr.with_layout({"tp": 1}).result_hash() != b.result_hash()
 
 
 def test_flops_per_token_formula():

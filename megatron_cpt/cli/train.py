@@ -11,8 +11,10 @@ def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
         "Continue pretraining a converted checkpoint under a compute budget. Start it with "
         "torchrun or srun (TP x PP x DP processes). The first launch loads model.pretrained; "
-        "every later launch of the same run_dir resumes the checkpoint checkpoints/latest names, "
-        "and refuses (exit 2) when that one is missing or incomplete. Exit codes: "
+        "every later launch of the same run_dir resumes the checkpoint checkpoints/latest names "
+        "(at any DP; at any TP/PP too when it was saved with checkpoint.optimizer_format="
+        "fully_reshardable), and refuses (exit 2) when that one is missing, incomplete or not "
+        "loadable at this layout. Exit codes: "
         + "; ".join(f"{e.code} {e.meaning}" for e in EXIT_CODES.values()) + "."))
     p.add_argument("--config", type=Path, required=True, help="training YAML (configs/train/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

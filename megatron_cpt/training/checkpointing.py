@@ -27,6 +27,12 @@ Commit protocol (a crash at any point leaves the previous checkpoint intact):
   4. rank 0 applies retention (keep the last k; demote the evaluation grid; delete the rest).
 ``latest`` is the only pointer that resume trusts; leftover ``.tmp`` folders are removed at
 the next start.
+
+Layout changes (docs/training.md "Layout changes"): ``metadata.json`` records the writer's
+:class:`Layout` and ``optimizer_format``. A ``dp_reshardable`` checkpoint resumes at any DP with
+the same TP/PP; a ``fully_reshardable`` one at any TP/PP/DP. Per-rank RNG states are restored
+exactly when TP/PP are unchanged (DP replicas hold one common state); otherwise every rank is
+re-seeded and the loop logs it.
 """
 from __future__ import annotations
 
@@ -50,6 +56,45 @@ from megatron_cpt.training import fault_hooks
 
 TRAINER, OPTIMIZER = "trainer", "optimizer"
 RESUME, EVALUATION = "resume", "evaluation"  # metadata.json kind of a run checkpoint
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+MCORE_MIN_BUCKET = 40_000_000  # megatron-core DDP: bucket_size = max(40M, 1M x DP) with overlap
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A launch's process layout. Megatron's default rank order (``tp-cp-ep-dp-pp``, CP = EP = 1)
+    puts TP fastest, then DP, then PP. ``bucket_size``: megatron-core's DDP bucket (None: one
+    bucket), which a ``dp_reshardable`` optimizer checkpoint depends on."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    bucket_size: int | None = None
+
+    @classmethod
+    def of(cls, tp: int, pp: int, dp: int, overlap_grad_reduce: bool = False) -> "Layout":
+        bucket = max(MCORE_MIN_BUCKET, 1_000_000 * dp) if overlap_grad_reduce else None
+        return cls(tp, pp, dp, bucket)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Layout | None":
+        """The writer's layout (None for checkpoints written before layouts were recorded)."""
+        d = meta.get("layout")
+        return None if not d else cls(d["tp"], d["pp"], d["dp"], d.get("bucket_size"))
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def describe(self) -> str:
+        return f"TP{self.tp} PP{self.pp} DP{self.dp}"
+
+    def to_dict(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world,
+                "bucket_size": self.bucket_size}
 
 
 def iter_name(iteration: int) -> str:
@@ -97,10 +142,11 @@ def _dist_problem(ckpt: Path, sub: str) -> str | None:
     return None
 
 
-def checkpoint_problem(ckpt: Path, world: int) -> str | None:
-    """Why ``ckpt`` cannot be resumed by ``world`` ranks, or None: every file a resume reads
-    is checked (metadata, both dist checkpoints' indexes and each ``.distcp`` they name, the
-    per-rank trainer state), so a resume never fails half-way through loading."""
+def checkpoint_problem(ckpt: Path, world: int, layout: "Layout | None" = None) -> str | None:
+    """Why ``ckpt`` cannot be resumed by ``world`` ranks in ``layout`` (default: TP1 PP1), or
+    None: every file a resume reads is checked (metadata, both dist checkpoints' indexes and each
+    ``.distcp`` they name, the writer's per-rank trainer state), so a resume never fails
+    half-way through loading; then whether its optimizer format loads at this layout."""
     if not ckpt.is_dir():
         return "does not exist"
     if not (ckpt / store.METADATA).is_file():
@@ -112,13 +158,35 @@ def checkpoint_problem(ckpt: Path, world: int) -> str | None:
         problem = _dist_problem(ckpt, sub)
         if problem:
             return problem
-    ranks = meta.get("world_size")
-    if ranks != world:
-        return (f"was written by {ranks} ranks, this launch has {world}; resume with the same "
-                "number of processes and the same TP/PP")
-    for r in range(world):
+    for r in range(meta.get("world_size") or 0):
         if not (ckpt / TRAINER / f"rank_{r:05d}.pt").is_file():
             return f"lacks {TRAINER}/rank_{r:05d}.pt"
+    return layout_problem(meta, layout or Layout(dp=world))
+
+
+def layout_problem(meta: dict, layout: Layout) -> str | None:
+    """Why a checkpoint with ``meta`` cannot load at ``layout`` (None: it can). What cannot
+    load: a ``dp_reshardable`` optimizer state at another TP/PP (its shards are DP slices of
+    TP/PP-local buffers) or with another DDP bucket layout; a checkpoint older than the layout
+    record at another world size (its layout is unknown)."""
+    old, ranks = Layout.from_meta(meta), meta.get("world_size")
+    if old is None:
+        return None if ranks == layout.world else (
+            f"was written by {ranks} ranks before layouts were recorded, this launch has "
+            f"{layout.world}; resume it once with {ranks} processes and the same TP/PP")
+    if meta.get("optimizer_format", DP_RESHARDABLE) == FULLY_RESHARDABLE:
+        return None
+    fix = (f"relaunch at TP{old.tp} PP{old.pp}, or resume there once with "
+           f"checkpoint.optimizer_format={FULLY_RESHARDABLE} and save")
+    if (old.tp, old.pp) != (layout.tp, layout.pp):
+        return (f"was saved at {old.describe()} with checkpoint.optimizer_format={DP_RESHARDABLE}, "
+                f"which resumes only at TP{old.tp} PP{old.pp} (any DP), not at "
+                f"{layout.describe()}; {fix}")
+    if old.bucket_size != layout.bucket_size:
+        return (f"was saved with gradient buckets of {old.bucket_size} parameters, this launch "
+                f"uses {layout.bucket_size} (megatron-core sizes them max(40M, 1M x DP) with "
+                f"overlap_grad_reduce); {DP_RESHARDABLE} optimizer state needs the same buckets: "
+                f"{fix}")
     return None
 
 
@@ -130,16 +198,26 @@ class Resume:
     checkpoint: Path | None = None
     iteration: int = 0
     explicit: bool = False
+    layout_change: str | None = None  # "TP2 PP1 DP1 -> TP1 PP1 DP2" when the layout differs
 
     def describe(self) -> str:
         if self.checkpoint is None:
             return "fresh start from model.pretrained (the run folder holds no checkpoint)"
         how = "--resume-from" if self.explicit else "checkpoints/latest"
-        return f"resume at iteration {self.iteration} from {self.checkpoint.name} ({how})"
+        change = f"; layout {self.layout_change}" if self.layout_change else ""
+        return f"resume at iteration {self.iteration} from {self.checkpoint.name} ({how}){change}"
 
 
-def _refuse(run_dir: Path, what: str, world: int) -> UsageError:
-    good = [p for p in reversed(committed(run_dir)) if checkpoint_problem(p, world) is None]
+def _layout_change(ckpt: Path, layout: Layout) -> str | None:
+    old = Layout.from_meta(store.read_metadata(ckpt))
+    if old is None or (old.tp, old.pp, old.dp) == (layout.tp, layout.pp, layout.dp):
+        return None
+    return f"{old.describe()} -> {layout.describe()}"
+
+
+def _refuse(run_dir: Path, what: str, world: int, layout: Layout | None = None) -> UsageError:
+    good = [p for p in reversed(committed(run_dir))
+            if checkpoint_problem(p, world, layout) is None]
     fix = (f"the newest complete checkpoint is {good[0].name}: relaunch with --resume-from "
            f"{good[0].name}") if good else \
         ("no complete checkpoint remains: move checkpoints/ away to start again from "
@@ -147,29 +225,34 @@ def _refuse(run_dir: Path, what: str, world: int) -> UsageError:
     return UsageError(f"run folder {run_dir}: {what}; {fix}")
 
 
-def plan_resume(run_dir: Path, world: int, resume_from: str | None = None) -> Resume:
+def plan_resume(run_dir: Path, world: int, resume_from: str | None = None,
+                layout: Layout | None = None) -> Resume:
     """Fresh start, resume, or a UsageError (exit 2) naming the newest complete checkpoint.
-    A folder that holds checkpoints is never silently re-initialised from model.pretrained."""
-    run = RunFolder(run_dir)
+    A folder that holds checkpoints is never silently re-initialised from model.pretrained.
+    ``layout`` (default TP1 PP1 DP ``world``) may differ from the checkpoint's where its
+    optimizer format allows (:func:`layout_problem`)."""
+    run, layout = RunFolder(run_dir), layout or Layout(dp=world)
     if resume_from:
         it = _iteration_of(resume_from) if not resume_from.isdigit() else int(resume_from)
         ckpt = run.checkpoints / iter_name(it) if it is not None else run.checkpoints / resume_from
-        problem = checkpoint_problem(ckpt, world)
+        problem = checkpoint_problem(ckpt, world, layout)
         if problem:
-            raise _refuse(run_dir, f"--resume-from {resume_from}: {ckpt.name} {problem}", world)
-        return Resume(ckpt, _iteration_of(ckpt.name), explicit=True)
+            raise _refuse(run_dir, f"--resume-from {resume_from}: {ckpt.name} {problem}", world,
+                          layout)
+        return Resume(ckpt, _iteration_of(ckpt.name), True, _layout_change(ckpt, layout))
     name, found = run.latest_name(), committed(run_dir)
     if name is None and not found and not run.latest_pointer.exists():
         return Resume()
     if name is None:
         held = f"checkpoints/ holds {found[-1].name} but " if found else ""
-        raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world)
-    problem = checkpoint_problem(run.checkpoints / name, world)
-    if problem and problem.startswith("was written by"):  # fine, but for another world size
-        raise UsageError(f"{run.checkpoints / name} {problem}")
+        raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world, layout)
+    ckpt = run.checkpoints / name
+    problem = checkpoint_problem(ckpt, world, layout)
+    if problem and problem.startswith("was "):  # complete, but not loadable at this layout
+        raise UsageError(f"{ckpt} {problem}")
     if problem:
-        raise _refuse(run_dir, f"checkpoints/latest names {name}, which {problem}", world)
-    return Resume(run.checkpoints / name, _iteration_of(name) or 0)
+        raise _refuse(run_dir, f"checkpoints/latest names {name}, which {problem}", world, layout)
+    return Resume(ckpt, _iteration_of(name) or 0, layout_change=_layout_change(ckpt, layout))
 
 
 def point_latest(run_dir: Path, name: str) -> None:
@@ -211,12 +294,14 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state_dicts(gpt, optimizer, is_loading: bool) -> dict:
+def _state_dicts(gpt, optimizer, is_loading: bool, optimizer_format: str = DP_RESHARDABLE) -> dict:
+    """Model + optimizer sharded state; ``optimizer_format`` is megatron-core's distributed-
+    optimizer sharding type (the one a checkpoint was saved with, when loading)."""
     model_sd = gpt.sharded_state_dict()
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(
                 model_sd, is_loading=is_loading,
-                metadata={"distrib_optim_sharding_type": "dp_reshardable"})}
+                metadata={"distrib_optim_sharding_type": optimizer_format})}
 
 
 
@@ -320,7 +405,8 @@ class Checkpointer:
         meta = {"kind": RESUME, "iteration": iteration, "scheduler": scheduler.state_dict(),
                 "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size(), **meta}
         commit = functools.partial(self._commit, tmp, final, iteration, meta)
-        state = _state_dicts(gpt, optimizer, is_loading=False)
+        state = _state_dicts(gpt, optimizer, False,
+                             meta.get("optimizer_format", DP_RESHARDABLE))
         requests = [self._write(state["model"], tmp / store.WEIGHTS, iteration),
                     self._write(state["optimizer"], tmp / OPTIMIZER, iteration)]
         if self.queue is None:
@@ -460,6 +546,26 @@ def _restore_adam_step(optimizer, step: float | None) -> None:
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, except for megatron-core 0.16.1's ``fully_reshardable``
+    load with torch Adam (no Apex/TE): it copies every state key of a param from the loaded
+    tensors, torch Adam's ``step`` included, which they lack (KeyError 'step'). So load the param
+    groups first, then the parameter state with ``step`` set aside (:func:`_restore_adam_step`
+    sets the saved one afterwards)."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(opts) == 1 else [state[k] for k in sorted(state)]
+    if not any(p.get("param_state_sharding_type") == FULLY_RESHARDABLE for p in parts):
+        optimizer.load_state_dict(state)
+        return
+    for opt, part in zip(opts, parts):
+        param_state = part.pop("param_state")
+        opt.load_state_dict(part)
+        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+
+
 def _load_strict(ckpt: Path, sub: str, sharded: dict, fully_parallel: bool) -> dict:
     """Megatron's dist load of ``ckpt/sub`` refusing any missing or unexpected key, as one
     line (exit 2)."""
@@ -476,14 +582,18 @@ def _load_strict(ckpt: Path, sub: str, sharded: dict, fully_parallel: bool) -> d
                          "checkpoint") from exc
 
 
-def load(ckpt: Path, gpt, optimizer, scheduler, fully_parallel: bool = False) -> dict:
-    """Full resume (collective): model, optimizer, scheduler, RNG. Returns the metadata."""
+def load(ckpt: Path, gpt, optimizer, scheduler, layout: "Layout | None" = None,
+         seed: int = 0, fully_parallel: bool = False) -> dict:
+    """Full resume (collective): model, optimizer, scheduler, RNG. Returns the metadata, with
+    ``rng`` saying how the RNG states were restored (:func:`_restore_rng`)."""
     meta = store.read_metadata(ckpt)
-    if meta.get("world_size") != dist.get_world_size():
-        raise UsageError(f"{ckpt} was written by {meta.get('world_size')} ranks; resume it with "
-                         "the same number of processes and the same TP/PP")
+    layout = layout or Layout(dp=dist.get_world_size())
+    problem = layout_problem(meta, layout)
+    if problem:  # preflight refuses this first; a direct caller gets the same line
+        raise UsageError(f"{ckpt} {problem}")
     _init_optimizer_state(optimizer)
-    sharded = _state_dicts(gpt, optimizer, is_loading=True)
+    fmt = meta.get("optimizer_format", DP_RESHARDABLE)
+    sharded = _state_dicts(gpt, optimizer, True, fmt)
     state = {"model": _load_strict(ckpt, store.WEIGHTS, sharded["model"], fully_parallel),
              "optimizer": _load_strict(ckpt, OPTIMIZER, sharded["optimizer"], fully_parallel)}
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
@@ -493,12 +603,35 @@ def load(ckpt: Path, gpt, optimizer, scheduler, fully_parallel: bool = False) ->
         if keys:
             raise UsageError(f"{ckpt} does not match this model (keys {keys[:3]}); resume it with "
                              "the config that wrote it")
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
     _restore_adam_step(optimizer, meta.get("adam_step"))
     scheduler.load_state_dict(meta["scheduler"])
-    rng = torch.load(Path(ckpt) / TRAINER / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
-    _set_rng_state(rng)
+    meta["rng"] = _restore_rng(Path(ckpt), meta, layout, seed)
     return meta
+
+
+def _restore_rng(ckpt: Path, meta: dict, layout: Layout, seed: int) -> str | None:
+    """Restore this rank's RNG states; None when exact at the same layout, else what happened.
+    With TP/PP unchanged a rank takes the state of the writer's rank at its TP/PP coordinates
+    (DP replicas hold one common state: same seed, same consumption), so a DP change is exact.
+    Across a TP/PP change no saved state belongs to a rank (Megatron's tracker is per TP rank, the
+    torch generator's use per stage), so every rank is re-seeded from (seed, iteration)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_cpt.runtime import set_seed
+
+    old = Layout.from_meta(meta) or layout
+    tp, dp, pp = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+                  ps.get_pipeline_model_parallel_rank())
+    if (old.tp, old.pp) == (layout.tp, layout.pp):
+        src = dist.get_rank() if old.dp == layout.dp else old.rank(tp, dp % old.dp, pp)
+        _set_rng_state(torch.load(ckpt / TRAINER / f"rank_{src:05d}.pt", weights_only=False))
+        return None if old.dp == layout.dp else (f"RNG states restored exactly: DP {old.dp} -> "
+                                                 f"{layout.dp} (DP replicas share one state)")
+    set_seed((seed * 1_000_003 + int(meta["iteration"])) % 2**31)
+    return (f"per-rank RNG states not restored: TP/PP changed ({old.describe()} -> "
+            f"{layout.describe()}); every rank re-seeded from train.seed and iteration "
+            f"{meta['iteration']} (no effect on the losses without dropout)")
 
 
 def read_latest_meta(run_dir: Path) -> dict | None:

@@ -115,6 +115,15 @@ class CheckpointSection:
                                        # blocks only for the host copy; commit when all ranks finished
     fully_parallel: bool = False       # every DP rank writes / reads its share (Megatron-core's
                                        # FullyParallelSave/LoadStrategyWrapper over the DP group)
+    # distributed-optimizer state layout in each checkpoint (megatron-core's sharding types):
+    # dp_reshardable = each DP rank writes its own shard; resumes at any DP, same TP/PP.
+    # fully_reshardable = gathered over DP into per-parameter tensors at save; resumes at any
+    # TP/PP/DP (costs a DP all-gather and more save time; docs/training.md "Layout changes")
+    optimizer_format: str = "dp_reshardable"
+
+
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+LAYOUT_KEYS = ("tp", "pp", "sequence_parallel")  # parallel.* keys a resume may change
 
 
 @dataclass
@@ -225,6 +234,15 @@ class TrainConfig:
         d["data"].pop("check_hashes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def with_layout(self, parallel: dict) -> "TrainConfig":
+        """A copy with the layout keys (``LAYOUT_KEYS``) taken from ``parallel``: the hash of
+        ``cfg.with_layout(old)`` equals the old run's when only TP/PP/SP changed."""
+        new = dataclasses.replace(self, parallel=dataclasses.replace(self.parallel))
+        for key in LAYOUT_KEYS:
+            if key in parallel:
+                setattr(new.parallel, key, parallel[key])
+        return new
+
     # -- checks that need only the YAML ------------------------------------------------------
     def check(self) -> None:
         if not self.run_dir:
@@ -279,6 +297,9 @@ class TrainConfig:
         self._check_health()
         if self.checkpoint.keep_last < 1:
             raise UsageError("checkpoint.keep_last must be >= 1")
+        if self.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
+            raise UsageError(f"checkpoint.optimizer_format {self.checkpoint.optimizer_format!r} "
+                             f"unknown; choose {' or '.join(OPTIMIZER_FORMATS)}")
         names = [p.name or Path(p.prefix).name for p in self.data.valid]
         if len(set(names)) != len(names):
             raise UsageError(f"data.valid names must be unique (got {names}); set name: per prefix")

@@ -190,14 +190,14 @@ def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
     all wait."""
     run = RunFolder(plan.cfg.run_dir)
     if dist.get_rank() == 0:
-        code = provenance.provenance()
-        changed = provenance.differences((run.run_info() or {}).get("provenance"), code)
+        code, before = provenance.provenance(), run.run_info() or {}
+        changed = provenance.differences(before.get("provenance"), code)
         if changed and plan.resume.checkpoint is not None:
             plan.code_changed = "; ".join(changed)
         run.write_config(plan.cfg.to_dict())
         run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
                             "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup,
-                            "provenance": code})
+                            "provenance": code, "layouts": _layout_history(plan, before)})
         run.write_running(plan.resume.iteration, plan.budget.iterations)
         if startup is not None:
             event(startup_record.format_record(startup))
@@ -208,6 +208,14 @@ def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
             checkpointing.point_latest(run.path, plan.resume.checkpoint.name)
     dist.barrier()
     return run
+
+
+def _layout_history(plan: RunPlan, before: dict) -> list[dict]:
+    """run.json ``layouts``: one entry per launch (the iteration it started at, TP/PP/DP/world,
+    optimizer format); a resume on another layout appends a different one."""
+    entry = {"iteration": plan.resume.iteration, **plan.layout.to_dict(),
+             "optimizer_format": plan.cfg.checkpoint.optimizer_format}
+    return list(before.get("layouts") or []) + [entry]
 
 
 class LaunchData:
@@ -306,10 +314,12 @@ class Launch:
         if ckpt is None:
             return 0
         meta = checkpointing.load(ckpt, self.gpt, self.optimizer, self.scheduler,
+                                  self.plan.layout, self.cfg.train.seed,
                                   fully_parallel=self.cfg.checkpoint.fully_parallel)
         start, self.skipped = meta["iteration"], meta.get("skipped_steps", 0)
         self.metrics.write({"kind": "event", "iteration": start, "event": "resume",
                             "details": ckpt.name})
+        self._log_layout_change(start, meta)
         if self.plan.code_changed:
             self.metrics.write({"kind": "event", "iteration": start, "event": "code_changed",
                                 "details": self.plan.code_changed})
@@ -318,6 +328,19 @@ class Launch:
                   + (f" with different code: {self.plan.code_changed}" if self.plan.code_changed
                      else ""))
         return start
+
+    def _log_layout_change(self, start: int, meta: dict) -> None:
+        """A ``layout_change`` event (what was resharded, how the RNG states were restored)."""
+        change = self.plan.resume.layout_change
+        if change is None:
+            return
+        fmt = meta.get("optimizer_format", checkpointing.DP_RESHARDABLE)
+        details = (f"{change}: model and {fmt} optimizer state resharded; "
+                   f"{meta.get('rng') or 'RNG states restored exactly'}")
+        self.metrics.write({"kind": "event", "iteration": start, "event": "layout_change",
+                            "details": details})
+        if self.rank == 0:
+            event(f"layout change {details}")
 
     def _progress(self, it: int) -> dict:
         return {"tokens": it * self.plan.budget.tokens_per_iteration,
@@ -336,7 +359,8 @@ class Launch:
         self.watchdog.phase(f"checkpoint save of iteration {it}")
         meta = {"consumed_samples": it * b.global_batch_size, **self._progress(it),
                 "config_hash": self.plan.config_hash, "dtype": self.plan.dtype,
-                "skipped_steps": self.skipped,
+                "skipped_steps": self.skipped, "layout": self.plan.layout.to_dict(),
+                "optimizer_format": self.cfg.checkpoint.optimizer_format,
                 "source": {"type": "pretrained", "path": self.cfg.model.pretrained}}
         self.checkpointer.save(it, self.gpt, self.optimizer, self.scheduler, meta)
         self.saved_at = it

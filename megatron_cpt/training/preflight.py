@@ -34,6 +34,7 @@ class RunPlan:
     valid_names: list
     resume: checkpointing.Resume = None  # fresh start or the checkpoint this launch resumes
     code_changed: str | None = None      # set by the loop when a resume runs different code
+    layout: checkpointing.Layout = None  # TP/PP/DP of this launch (checkpoint metadata, run.json)
 
 
 def world_size_from_env() -> int:
@@ -46,10 +47,20 @@ def check_run_dir(cfg: TrainConfig, config_hash: str, force: bool) -> None:
     info = RunFolder(cfg.run_dir).run_info()
     if info is not None and not force:
         old = info.get("config_hash")
-        if old != config_hash:
+        if old != config_hash and not _layout_only_change(cfg, old):
             raise UsageError(f"run folder {cfg.run_dir} was created by a different config "
                              f"(hash {old}, this one {config_hash}); use another run_dir or pass "
                              "--force to continue it with this config")
+
+
+def _layout_only_change(cfg: TrainConfig, old_hash: str | None) -> bool:
+    """Whether the run folder's config differs from ``cfg`` only in the layout keys (TP, PP,
+    sequence parallelism): a resume on another layout, which checkpointing decides."""
+    try:
+        old = RunFolder(cfg.run_dir).config_dict().get("parallel") or {}
+    except UsageError:
+        return False
+    return cfg.with_layout(old).result_hash() == old_hash
 
 
 def resolve_dtype(cfg: TrainConfig, cuda: bool) -> str:
@@ -168,7 +179,9 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
                          f"{model.vocab_size} embedding rows")
     h = cfg.result_hash()
     check_run_dir(cfg, h, force)
-    resume = checkpointing.plan_resume(Path(cfg.run_dir), world, resume_from)
+    layout = checkpointing.Layout.of(cfg.parallel.tp, cfg.parallel.pp, dp,
+                                     cfg.parallel.overlap_grad_reduce)
+    resume = checkpointing.plan_resume(Path(cfg.run_dir), world, resume_from, layout)
     names = [pre.name or Path(pre.prefix).name for pre in cfg.data.valid]
     return RunPlan(cfg, model, world, dp, accumulation, bud, keep, valid_every, dtype, eod, vocab,
-                   h, names, resume)
+                   h, names, resume, layout=layout)
