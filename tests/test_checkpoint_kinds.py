@@ -202,3 +202,40 @@ def test_async_save_kill9_mid_write_keeps_previous_latest(toy, dp2, tmp_path):
     assert losses(run_dir) == losses(dp2)
     print(f"async: kill -9 of {len(seen)} processes during the write of iteration 20; latest "
           "stayed on iter_0000010, 30/30 losses bit-identical after the relaunch")
+
+
+def test_finished_run_drops_optimizer_state_and_a_relaunch_finds_it_complete(toy, tmp_path,
+                                                                            single):
+    """`checkpoint.keep_optimizer_at_end: false` (the study's setting): when the budget is spent
+    the final checkpoint becomes weights-only and marked complete, the grid keeps weights only,
+    the other resume checkpoints go; a relaunch trains nothing and exits 0; a longer budget is
+    refused (exit 2) because the optimizer state is gone."""
+    run_dir = tmp_path / "run"
+    extra = ["checkpoint.keep_optimizer_at_end=false", "checkpoint.keep_last=3",
+             "checkpoint.keep_every_tokens=10240"]  # grid: iteration 20; resume: 10, 20, 30
+    _ok(launch(toy, 1, run_dir, extra))
+    assert losses(run_dir) == losses(single)
+    ck = run_dir / "checkpoints"
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000020", "iter_0000030"]
+    for it in (20, 30):
+        ckpt = ck / f"iter_{it:07d}"
+        assert _meta(ckpt)["kind"] == "evaluation"
+        assert sorted(p.name for p in ckpt.iterdir()) == \
+            ["metadata.json", "model.yaml", "tokenizer", "weights"]
+    assert _meta(ck / "iter_0000030")["complete"] is True
+    assert "complete" not in _meta(ck / "iter_0000020")
+    assert (ck / "latest").read_text().strip() == "iter_0000030"
+    trained = len(records(run_dir))
+
+    again = launch(toy, 1, run_dir, extra)
+    _ok(again)
+    assert "run complete at iteration 30" in again.stdout + again.stderr
+    assert exit_status(run_dir)["code"] == 0 and len(records(run_dir)) == trained
+
+    longer = subprocess.run(_cmd(1) + ["--force"] + _args(toy, run_dir,
+                                                         [*extra, "budget.iterations=40"]),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 2, longer.stderr[-2000:]
+    assert "its optimizer state was dropped" in longer.stderr
+    assert "start a new run with model.pretrained=" in longer.stderr

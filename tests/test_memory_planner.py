@@ -219,6 +219,9 @@ def test_storage_replay_matches_the_real_retention(tmp_path):
     assert (st["evaluation_checkpoints"], st["resume_checkpoints"]) == (4, 2)
     assert st["before_bytes"] == 6 * 14 * 1000
     assert st["after_bytes"] == (4 * 2 + 2 * 14) * 1000
+    assert st["at_rest_bytes"] == st["after_bytes"]  # keep_optimizer_at_end: true (default)
+    rest = memory.run_storage(1000, "bfloat16", saves, keep_last, grid, False)["at_rest_bytes"]
+    assert rest == 6 * 2 * 1000  # the grid (20..100) and the final 105, weights only
 
 
 def test_study_plan_reports_memory_storage_and_fits(capsys):
@@ -235,6 +238,8 @@ def test_study_plan_reports_memory_storage_and_fits(capsys):
         params = memory.total_params(ModelConfig.load(r["model"]))
         assert st["before_bytes"] == 11 * 14 * params
         assert st["after_bytes"] == (9 * 2 + 2 * 14) * params
+        # study-base.yaml drops optimizer state at the end: the grid + the final, weights only
+        assert st["at_rest_bytes"] == 10 * 2 * params
     assert main(["plan", "--study", study, "--sizes", "14b"]) == 0
     out = capsys.readouterr().out
     assert "memory per GPU" in out and "TP4 PP1 DP8" in out

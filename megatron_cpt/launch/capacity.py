@@ -58,7 +58,7 @@ def cell_storage(cell: Cell, cfg, dtype: str) -> dict:
         if c.keep_every_tokens else None
     grid = {i for i in bud.checkpoint_iterations if every and i % every == 0}
     return memory.run_storage(memory.total_params(model), dtype, bud.checkpoint_iterations,
-                              c.keep_last, grid)
+                              c.keep_last, grid, c.keep_optimizer_at_end)
 
 
 def corpus_epochs(cell: Cell, tokens: int) -> float | None:
@@ -120,6 +120,9 @@ def print_capacity(study: StudyConfig, rows: list[dict]) -> None:
           f"every kept checkpoint; {_size(after)} with weights-only evaluation checkpoints "
           f"({before / max(after, 1):.1f}x less; per cell {s.get('evaluation_checkpoints')} "
           f"evaluation + {s.get('resume_checkpoints')} resume checkpoints)")
+    rest = sum(r["storage"]["at_rest_bytes"] for r in rows)
+    print(f"checkpoint storage (finished study, at rest): {_size(rest)} ({before / max(rest, 1):.1f}x "
+          f"less than {_size(before)}; {'optimizer state dropped at the end of each run' if rest < after else 'the last resume checkpoints keep optimizer state (checkpoint.keep_optimizer_at_end)'})")
     epochs = [(r["size"] + "/" + r["cell"], r["epochs"]) for r in rows if r["epochs"] is not None]
     if epochs:
         print("corpus epochs the budget implies: " + ", ".join(

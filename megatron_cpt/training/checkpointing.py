@@ -199,8 +199,12 @@ class Resume:
     iteration: int = 0
     explicit: bool = False
     layout_change: str | None = None  # "TP2 PP1 DP1 -> TP1 PP1 DP2" when the layout differs
+    complete: bool = False  # the run finished and dropped its optimizer state: nothing to train
 
     def describe(self) -> str:
+        if self.complete:
+            return (f"run complete at iteration {self.iteration} ({self.checkpoint.name} is its "
+                    "weights-only final checkpoint): nothing to train")
         if self.checkpoint is None:
             return "fresh start from model.pretrained (the run folder holds no checkpoint)"
         how = "--resume-from" if self.explicit else "checkpoints/latest"
@@ -247,6 +251,8 @@ def plan_resume(run_dir: Path, world: int, resume_from: str | None = None,
         held = f"checkpoints/ holds {found[-1].name} but " if found else ""
         raise _refuse(run_dir, f"{held}checkpoints/latest is missing or empty", world, layout)
     ckpt = run.checkpoints / name
+    if _is_complete(ckpt):
+        return Resume(ckpt, _iteration_of(name) or 0, complete=True)
     problem = checkpoint_problem(ckpt, world, layout)
     if problem and problem.startswith("was "):  # complete, but not loadable at this layout
         raise UsageError(f"{ckpt} {problem}")
@@ -487,16 +493,38 @@ def _retain(root: Path, newest: int, keep_last: int, keep_iterations: set[int]) 
             shutil.rmtree(root / iter_name(it), ignore_errors=True)
 
 
-def drop_optimizer_state(ckpt: Path) -> None:
+def drop_optimizer_state(ckpt: Path, complete: bool = False) -> None:
     """Make ``ckpt`` an evaluation checkpoint: ``metadata.json`` says so first (atomically),
     then ``optimizer/`` and ``trainer/`` go; idempotent, so a crash in between is finished
-    by the next retention."""
+    by the next retention. ``complete``: the final checkpoint of a finished run."""
     meta = json.loads((ckpt / store.METADATA).read_text())
-    if meta.get("kind") != EVALUATION:
+    if meta.get("kind") != EVALUATION or (complete and not meta.get("complete")):
         meta.pop("format", None)
-        store.write_metadata(ckpt, {**meta, "kind": EVALUATION})
+        store.write_metadata(ckpt, {**meta, "kind": EVALUATION,
+                                    **({"complete": True} if complete else {})})
     shutil.rmtree(ckpt / OPTIMIZER, ignore_errors=True)
     shutil.rmtree(ckpt / TRAINER, ignore_errors=True)
+
+
+def _is_complete(ckpt: Path) -> bool:
+    meta = ckpt / store.METADATA
+    return meta.is_file() and json.loads(meta.read_text()).get("complete") is True
+
+
+def drop_optimizer_state_at_end(run_dir: Path, final: int, keep_iterations: set[int]) -> None:
+    """Rank 0, once the budget is spent (``checkpoint.keep_optimizer_at_end: false``): the
+    final checkpoint becomes a weights-only one marked ``complete`` (first: from then on a
+    relaunch finds the run complete), then every older checkpoint of the evaluation grid
+    becomes weights-only and the other resume checkpoints go. Idempotent."""
+    drop_optimizer_state(RunFolder(run_dir).checkpoints / iter_name(final), complete=True)
+    for ckpt in committed(run_dir):
+        it = _iteration_of(ckpt.name)
+        if it >= final:
+            continue
+        if it in keep_iterations:
+            drop_optimizer_state(ckpt)
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _torch_optimizers(optimizer) -> list:

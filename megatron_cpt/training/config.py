@@ -111,6 +111,10 @@ class CheckpointSection:
     keep_last: int = 2                 # plus every checkpoint on the evaluation grid
     keep_every_tokens: float | None = None  # evaluation grid: keep checkpoints at multiples of this
     save_at_end: bool = True
+    # when the budget is spent, keep the optimizer state of the last keep_last checkpoints
+    # (true: the run can be extended later) or drop it (false: every kept checkpoint becomes
+    # weights-only; a relaunch says the run is complete; torchtitan's last_save_model_only)
+    keep_optimizer_at_end: bool = True
     async_save: bool = False           # write in the background (Megatron-core async save); the loop
                                        # blocks only for the host copy; commit when all ranks finished
     fully_parallel: bool = False       # every DP rank writes / reads its share (Megatron-core's

@@ -557,6 +557,12 @@ class Launch:
             if self.cfg.checkpoint.save_at_end and self.saved_at != it:
                 self.save(it)
         self.saves_done(wait=True)  # every exit path: no background write left uncommitted
+        if code == rf.EXIT_OK and not self.cfg.checkpoint.keep_optimizer_at_end \
+                and self.saved_at == it:
+            dist.barrier()
+            if self.rank == 0:
+                checkpointing.drop_optimizer_state_at_end(self.run.path, it,
+                                                          self.plan.keep_iterations)
         if code == rf.EXIT_OK:
             self.metrics.write({"kind": "event", "iteration": it, "event": "done", "details": ""})
         if self.rank == 0:  # the launcher reads this even where torchrun masks the exit code
@@ -613,6 +619,8 @@ def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None)
 
     connections = cuda_connections.apply(cfg.parallel.tp, cfg.parallel.sequence_parallel)  # before CUDA
     plan = _prepare(cfg, force, resume_from)  # raises UsageError before any tensor exists
+    if plan.resume.complete:
+        return _already_complete(plan)
     startup = startup_record.build(cfg, plan.dtype, connections=connections)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
                      timeout_min=cfg.train.collective_timeout_min)
@@ -623,6 +631,17 @@ def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None)
         guard.release()
     shutdown()
     return code
+
+
+def _already_complete(plan: RunPlan) -> int:
+    """A relaunch of a finished run whose optimizer state was dropped: nothing to train; rank 0
+    finishes an interrupted end-of-run cleanup and rewrites the verdict (exit 0)."""
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        run, it = RunFolder(plan.cfg.run_dir), plan.resume.iteration
+        checkpointing.drop_optimizer_state_at_end(run.path, it, plan.keep_iterations)
+        run.write_exit_status(rf.EXIT_OK, it, plan.budget.iterations)
+        event(plan.resume.describe())
+    return rf.EXIT_OK
 
 
 def _run_launch(plan: RunPlan, startup, took_over: str | None) -> int:

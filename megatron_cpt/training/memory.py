@@ -292,12 +292,13 @@ def checkpoint_bytes_per_param(dtype: str) -> dict[str, int]:
 
 
 def run_storage(params: int, dtype: str, saves: list[int], keep_last: int,
-                grid: set[int]) -> dict:
+                grid: set[int], keep_optimizer_at_end: bool = True) -> dict:
     """Bytes a run's checkpoints occupy at its peak, replaying retention save by save:
     *before* every kept checkpoint holds optimizer state; *after* only the last ``keep_last``
-    do and the evaluation grid keeps weights only."""
+    do and the evaluation grid keeps weights only. *At rest* (the finished run): the same, or
+    with ``keep_optimizer_at_end`` false the grid plus the final checkpoint, weights only."""
     per = checkpoint_bytes_per_param(dtype)
-    peak_before = peak_after = 0
+    peak_before = peak_after = after = 0
     kept: list[int] = []
     for it in saves:
         kept = sorted(set(kept) | {it})
@@ -307,9 +308,12 @@ def run_storage(params: int, dtype: str, saves: list[int], keep_last: int,
         after = sum(per["resume"] if k in last else per["evaluation"] for k in kept)
         peak_before, peak_after = max(peak_before, before), max(peak_after, after)
     grid_kept = sum(k in grid and k not in kept[-keep_last:] for k in kept)
+    at_rest = after if keep_optimizer_at_end else \
+        len({k for k in kept if k in grid} | set(saves[-1:])) * per["evaluation"]
     return {"checkpoints_kept": len(kept), "evaluation_checkpoints": grid_kept,
             "resume_checkpoints": len(kept) - grid_kept,
-            "before_bytes": peak_before * params, "after_bytes": peak_after * params}
+            "before_bytes": peak_before * params, "after_bytes": peak_after * params,
+            "at_rest_bytes": at_rest * params}
 
 
 def corpus_epochs(tokens_consumed: int, corpus_tokens: int) -> float:

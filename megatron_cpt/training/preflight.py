@@ -182,6 +182,11 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
     layout = checkpointing.Layout.of(cfg.parallel.tp, cfg.parallel.pp, dp,
                                      cfg.parallel.overlap_grad_reduce)
     resume = checkpointing.plan_resume(Path(cfg.run_dir), world, resume_from, layout)
+    if resume.complete and resume.iteration < bud.iterations:
+        raise UsageError(f"{resume.checkpoint} ended the run at iteration {resume.iteration} and "
+                         f"its optimizer state was dropped (checkpoint.keep_optimizer_at_end: "
+                         f"false), so the run cannot go on to {bud.iterations}; start a new run "
+                         f"with model.pretrained={resume.checkpoint}")
     names = [pre.name or Path(pre.prefix).name for pre in cfg.data.valid]
     return RunPlan(cfg, model, world, dp, accumulation, bud, keep, valid_every, dtype, eod, vocab,
                    h, names, resume, layout=layout)
