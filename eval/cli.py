@@ -18,6 +18,7 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--num-fewshot", type=int, default=5, help="dev questions before each question")
     p.add_argument("--prompt-file", type=Path,
                    help="Jinja template for one question (default: question, lettered options, 'Answer:')")
+    _formulations_arg(p)
     p.set_defaults(func=_tasks)
 
     p = ev.add_parser("score", help="score one checkpoint with the native backend (torchrun)",
@@ -46,6 +47,7 @@ def register(sub, name: str, help_text: str) -> None:
                    help="comma-separated stock lm-eval tasks too (e.g. mmlu_professional_law; "
                    "needs the dataset hub)")
     p.add_argument("--num-fewshot", type=int, default=5)
+    _formulations_arg(p)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -53,6 +55,12 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--valid-sequences", type=int, default=16,
                    help="windows of each validation prefix for the validation perplexity")
     p.set_defaults(func=_run)
+
+
+def _formulations_arg(p) -> None:
+    p.add_argument("--formulations", default="mcf,cf", type=lambda v: tuple(v.split(",")),
+                   help="mcf (lettered options, the letters scored: tasks mcpt_<exam>_<split>) "
+                   "and/or cf (choice texts scored: mcpt_<exam>_cf_<split>); default both")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,11 +78,13 @@ def _run(args: argparse.Namespace) -> int:
     exams = args.exams or list(sample_exam_paths().values())
     tasks_dir = RunFolder(args.run_dir).tasks_dir
     if read_dist_env().rank == 0:
-        names = write_tasks(exams, tasks_dir, num_fewshot=args.num_fewshot)
+        names = write_tasks(exams, tasks_dir, num_fewshot=args.num_fewshot,
+                            formulations=args.formulations)
     else:
         from eval.tasks import task_name
 
-        names = [task_name(Path(e).stem, s) for e in exams for s in ("val", "test")]
+        names = [task_name(Path(e).stem, s, f) for e in exams for s in ("val", "test")
+                 for f in args.formulations]
     names += [t for t in args.extra_tasks.split(",") if t]
     scored = evaluate_run(args.run_dir, tasks_dir, names, args.checkpoints, tp=args.tp, pp=args.pp,
                           batch_size=args.batch_size, limit=args.limit,
@@ -89,7 +99,8 @@ def _tasks(args: argparse.Namespace) -> int:
     from eval.tasks import DEFAULT_PROMPT, write_tasks
 
     prompt = args.prompt_file.read_text() if args.prompt_file else DEFAULT_PROMPT
-    names = write_tasks(args.exams, args.out, num_fewshot=args.num_fewshot, prompt=prompt)
+    names = write_tasks(args.exams, args.out, num_fewshot=args.num_fewshot, prompt=prompt,
+                        formulations=args.formulations)
     print(f"wrote {len(names)} tasks to {args.out}: {', '.join(names)}")
     return 0
 
@@ -107,7 +118,6 @@ def _score(args: argparse.Namespace) -> int:
     if result is not None:
         write_json(args.out, result)
         for task, m in result["metrics"].items():
-            print(f"{task}: acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} "
-                  f"answer_ppl {m['answer_ppl']:.4g} n {m['n']}")
+            print(f"{task}: " + " ".join(f"{k} {v:.4g}" for k, v in m.items()))
     shutdown()
     return 0

@@ -33,6 +33,8 @@ class MegatronCPTLM(TemplateLM):
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or self.ckpt / store.TOKENIZER))
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = self.model_cfg.max_position_embeddings
+        # (context, continuation) -> continuation tokens, for per-token normalisation (CF)
+        self.continuation_tokens: dict[tuple[str, str], int] = {}
 
     # lm-eval sees one process: TP/PP ranks all handle every request.
     @property
@@ -61,6 +63,8 @@ class MegatronCPTLM(TemplateLM):
         order = sorted(range(len(requests)),
                        key=lambda i: -len(requests[i][1] + requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for pair, _, continuation_enc in requests:
+            self.continuation_tokens[tuple(pair)] = len(continuation_enc)
         bar = tqdm(total=len(requests), desc="megatron_cpt loglikelihood",
                    disable=disable_tqdm or torch.distributed.get_rank() != 0)
         for start in range(0, len(order), self.batch_size_per_gpu):

@@ -30,14 +30,17 @@ def evaluate_checkpoint(ckpt: Path, tasks_dir: Path, tasks: list[str], tp: int =
     out = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager or task_manager(tasks_dir, tasks),
         limit=limit, log_samples=True, bootstrap_iters=0, verbosity="WARNING")
-    summary = summarize(out) if out is not None else None
+    summary = summarize(out, lm.continuation_tokens) if out is not None else None
     if keep_model:
         return {"model": lm.model, "model_cfg": lm.model_cfg, "summary": summary}
     return summary
 
 
-def summarize(out: dict) -> dict:
-    """lm-eval's result dict -> our metrics and per-question records."""
+def summarize(out: dict, continuation_tokens: dict | None = None) -> dict:
+    """lm-eval's result dict -> our metrics and per-question records. With the backend's
+    ``continuation_tokens`` the CF tasks also get per-token scores: ``acc_norm_tok`` (argmax
+    of log-likelihood per continuation token) and ``answer_ppl_tok`` (per-token perplexity of
+    the correct answers)."""
     metrics, samples = {}, {}
     for task, values in out["results"].items():
         metrics[task] = {m.split(",")[0]: v for m, v in values.items()
@@ -46,11 +49,28 @@ def summarize(out: dict) -> dict:
         for s in out["samples"].get(task, []):
             lls = [float(r[0]) for r in (x[0] if isinstance(x[0], (list, tuple)) else x
                                          for x in s["filtered_resps"])]
-            recs.append({"id": s["doc"]["id"], "subject": s["doc"].get("subject"),
-                         "answer": int(s["doc"]["answer"]), "logliks": lls})
+            rec = {"id": s["doc"]["id"], "subject": s["doc"].get("subject"),
+                   "answer": int(s["doc"]["answer"]), "logliks": lls}
+            if "_cf_" in task:  # lengths for acc_norm (chars) and per-token scores
+                rec["chars"] = [len(c) for c in s["doc"]["choices"]]
+                if continuation_tokens is not None:
+                    rec["tokens"] = [continuation_tokens.get(tuple(a)) for a in s["arguments"]]
+            recs.append(rec)
         samples[task] = recs
         metrics[task]["n"] = len(recs)
+        if recs and all(r.get("tokens") and None not in r["tokens"] for r in recs):
+            metrics[task].update(per_token_scores(recs))
     return {"metrics": metrics, "samples": samples}
+
+
+def per_token_scores(recs: list[dict]) -> dict:
+    """OLMES's per-token normalisation of CF records (``logliks`` and ``tokens`` per choice)."""
+    hits, nll, toks = 0, 0.0, 0
+    for r in recs:
+        norm = [ll / t for ll, t in zip(r["logliks"], r["tokens"])]
+        hits += int(max(range(len(norm)), key=lambda i: (norm[i], -i)) == r["answer"])
+        nll, toks = nll - r["logliks"][r["answer"]], toks + r["tokens"][r["answer"]]
+    return {"acc_norm_tok": hits / len(recs), "answer_ppl_tok": math.exp(nll / toks)}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -2,7 +2,7 @@
 
 1. data: domain classifier, filtering + decontamination of the shipped web sample, a
    train/valid split per corpus, a BPE fitted on the general training text, tokenization;
-2. base models: two tiny random Qwen2 sizes pretrained briefly on general text (so continued
+2. base models: three tiny random Qwen2 sizes pretrained briefly on general text (so continued
    pretraining starts from a model that knows the language), published as Hugging Face
    folders and converted back to Megatron checkpoints, as a real Qwen2.5 would be;
 3. the grid (configs/study-demo.yaml): sizes x {general, legal, medical, control_legal},
@@ -17,7 +17,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from pathlib import Path
 
 from megatron_cpt.launch.study import REPO_ROOT
@@ -27,6 +29,7 @@ STUDY = REPO_ROOT / "configs" / "study-demo.yaml"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "tiny-cpu.yaml"
 VALID_EVERY = 8          # 1/8 of each corpus (by id hash, `prep split`) is held out
 BASE_ITERATIONS = 80     # brief general pretraining of the random base models
+_INIT_LOCK = threading.Lock()  # torch's global RNG: one random init at a time, or seeds mix
 LOCAL_SLURM_CONF = Path("/tmp/megatron-cpt-slurm/slurm.conf")
 
 
@@ -45,7 +48,7 @@ def cli(*args: str, quiet: bool = True) -> None:
         raise SystemExit(f"demo step failed (exit {proc.returncode}): megatron-cpt {' '.join(args)}")
 
 
-def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
+def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> dict:
     from data_prep.split import split
     from data_prep.tokenize import tokenize
     from megatron_cpt.tiny import train_tokenizer
@@ -58,6 +61,10 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     report = json.loads((out / "prep" / "filter_report.json").read_text())
     log(f"filtered the web sample: {report['documents_in']} documents in, "
         f"{report['documents_clean']} clean, dropped {report['dropped']}")
+    decontam = decontamination_summary(report)
+    log(f"decontamination: {decontam['removed']} page(s) removed (planted leaks of "
+        f"{', '.join(decontam['removed_items']) or '-'}); hits against the exams' val/test "
+        f"questions: {decontam['val_test_hits']}")
 
     # `prep split` by id hash: a document is in the same split in every corpus, so a page held
     # out anywhere is trained on nowhere
@@ -77,6 +84,19 @@ def prepare_data(out: Path, corpora: list[str], valid_names: list[str]) -> None:
     sizes = {n: json.loads((out / "data" / f"{n}.manifest.json").read_text())["tokens"]
              for n in files}
     log("tokenized: " + ", ".join(f"{n} {len(files[n])} docs/{sizes[n]} tok" for n in files))
+    return decontam
+
+
+def decontamination_summary(report: dict) -> dict:
+    """The filter's 13-gram decontamination against the exams' scored (val/test) questions:
+    the corpora state each question's knowledge, so a hit here would mean a leaked question."""
+    from eval.exams import load_exam, sample_exam_paths
+
+    scored = {it.id for p in sample_exam_paths().values() for it in load_exam(p)
+              if it.split in ("val", "test")}
+    removed = report.get("decontamination", {}).get("removed", [])
+    return {"removed": len(removed), "removed_items": sorted({r["exam_item"] for r in removed}),
+            "val_test_hits": sum(r["exam_item"] in scored for r in removed)}
 
 
 def base_model(out: Path, model: str, seed: int) -> str:
@@ -84,7 +104,9 @@ def base_model(out: Path, model: str, seed: int) -> str:
     from megatron_cpt.tiny import make_hf_model
 
     data, base = out / "data", out / "base"
-    make_hf_model(base / f"{model}-random-hf", model, seed=seed, tokenizer_dir=out / "tokenizer")
+    with _INIT_LOCK:  # base models are built in threads; make_hf_model seeds the global RNG
+        make_hf_model(base / f"{model}-random-hf", model, seed=seed,
+                      tokenizer_dir=out / "tokenizer")
     cli("convert", "hf-to-mcore", "--hf", str(base / f"{model}-random-hf"),
         "--out", str(base / f"{model}-random"), "--force")
     run = RunFolder(base / f"{model}-pretrain")
@@ -111,7 +133,9 @@ def base_models(out: Path, models: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for line in pool.map(lambda a: base_model(out, *a), [(m, i) for i, m in enumerate(models)]):
+        # the seed follows the model's name: the same init whichever sizes a run selects
+        seeds = [(m, zlib.crc32(m.encode()) % 10_000) for m in models]
+        for line in pool.map(lambda a: base_model(out, *a), seeds):
             log(line)
 
 
@@ -147,7 +171,7 @@ def wait_for_jobs(launches: dict, timeout_s: float = 3600) -> None:
 
 
 def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = None,
-              bootstrap: int = 1000) -> dict:
+              bootstrap: int = 1000, sizes: list[str] | None = None) -> dict:
     from megatron_cpt.launch.grid import submit_grid
     from megatron_cpt.launch.study import StudyConfig
     from megatron_cpt.report import build_report
@@ -157,18 +181,19 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     # the demo's roots, passed explicitly (the caller's MCPT_* variables do not apply)
     study = dataclasses.replace(StudyConfig.load(STUDY, use_env=False), study_dir=out / "study",
                                 data_root=out / "data", checkpoint_root=out / "checkpoints")
-    cells = study.cells(corpora=corpora)
+    cells = study.cells(sizes=sizes, corpora=corpora)
+    chosen = {c.size.name: c.size for c in cells}
     needed = sorted({c.corpus for c in cells} | {"general"})
     timings = {}
 
     t0 = time.time()
     log(f"1/4 data: classifier, filter + decontamination, split, tokenize -> {out / 'data'}")
-    prepare_data(out, needed, study.valid_names)
+    decontam = prepare_data(out, needed, study.valid_names)
     timings["data"] = time.time() - t0
 
     t = time.time()
-    log(f"2/4 base models {', '.join(study.sizes)}: brief general pretraining, HF export, conversion")
-    base_models(out, [s.model for s in study.sizes.values()])
+    log(f"2/4 base models {', '.join(chosen)}: brief general pretraining, HF export, conversion")
+    base_models(out, [s.model for s in chosen.values()])
     timings["base models"] = time.time() - t
 
     t = time.time()
@@ -185,7 +210,7 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     results = build_report(out / "study", out / "study" / "report", bootstrap=bootstrap)
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
-    results["demo"] = {"executor": kind, "timings_s": timings}
+    results["demo"] = {"executor": kind, "timings_s": timings, "decontamination": decontam}
     (out / "demo_summary.json").write_text(json.dumps(results["demo"], indent=2) + "\n")
     print()
     print(summary_table(results))

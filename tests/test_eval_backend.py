@@ -1,4 +1,5 @@
-"""The native lm-eval backend equals lm-eval's own hf backend on the exported checkpoint."""
+"""The native lm-eval backend equals lm-eval's own hf backend on the exported checkpoint, in
+both exam formulations (MCF: the answer letters; CF: the choice texts as continuations)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import REPO, run_cli
 
-TASKS = ["mcpt_legal_val", "mcpt_medical_test"]
+TASKS = ["mcpt_legal_val", "mcpt_medical_test", "mcpt_legal_cf_val", "mcpt_medical_cf_test"]
 LIMIT = 8
 
 
@@ -22,6 +23,7 @@ def tasks_dir(tmp_path_factory) -> Path:
     run_cli("eval", "tasks", "--exams", str(REPO / "eval/exams/legal.jsonl"),
             str(REPO / "eval/exams/medical.jsonl"), "--out", str(out), "--num-fewshot", "3")
     assert (out / "mcpt_legal_val.yaml").is_file() and (out / "utils.py").is_file()
+    assert (out / "mcpt_legal_cf_val.yaml").is_file()
     return out
 
 
@@ -68,8 +70,28 @@ def test_native_backend_matches_hf_backend(tmp_path, tiny_ckpt, tasks_dir, hf_re
         m, r = native["metrics"][task], hf_reference["metrics"][task]
         assert m["acc"] == r["acc,none"] and m["acc_norm"] == r["acc_norm,none"]
         assert m["answer_ppl"] == pytest.approx(r["answer_ppl,none"], rel=1e-4)
+        if "_cf_" in task:  # per-token scores from the backend's own continuation lengths
+            assert all(len(rec["tokens"]) == 4 and min(rec["tokens"]) >= 1 for rec in records)
+            assert 0.0 <= m["acc_norm_tok"] <= 1.0 and m["answer_ppl_tok"] > 1.0
     assert worst <= 1e-4, worst
     print(f"TP{tp}: max |loglik native - hf| = {worst:.2e}")
+
+
+def test_cf_metrics_on_known_logliks():
+    """CF: acc_norm divides by each choice text's characters; per-token scores by its tokens."""
+    sys.path.insert(0, str(REPO / "eval"))
+    import task_utils
+
+    from eval.scoring import per_token_scores
+
+    doc = {"answer": 1, "choices": ["no", "a much longer answer"]}
+    per_doc = task_utils.process_results_cf(doc, [(-2.0, False), (-5.0, False)])
+    assert per_doc == {"acc": 0.0, "acc_norm": 1.0, "answer_ppl": 5.0}
+    recs = [{"answer": 1, "logliks": [-2.0, -5.0], "tokens": [1, 5]},
+            {"answer": 0, "logliks": [-3.0, -4.0], "tokens": [1, 2]}]
+    scores = per_token_scores(recs)
+    assert scores["acc_norm_tok"] == 0.5  # -1.0/token beats -2.0; -3.0 loses to -2.0/token
+    assert scores["answer_ppl_tok"] == pytest.approx(math.exp((5.0 + 3.0) / 6))
 
 
 def test_task_metrics_on_known_logliks():

@@ -28,14 +28,17 @@ def test_eval_run_scores_every_checkpoint_once(tmp_path_factory, toy):
     for it in (0, 3, 6):
         rec = json.loads((run / "eval" / f"{it:07d}.json").read_text())
         assert rec["iteration"] == it
-        assert set(rec["exams"]) == {"legal", "general"}
-        for exam in rec["exams"].values():
+        # both formulations: MCF under the exam's name, CF under <exam>_cf
+        assert set(rec["exams"]) == {"legal", "general", "legal_cf", "general_cf"}
+        for name, exam in rec["exams"].items():
             assert set(exam) == {"val", "test"}
             for split in exam.values():
                 assert split["n"] == 4 and 0.0 <= split["acc"] <= 1.0 and split["answer_ppl"] > 1.0
+                if name.endswith("_cf"):
+                    assert 0.0 <= split["acc_norm_tok"] <= 1.0 and split["answer_ppl_tok"] > 1.0
         assert set(rec["valid"]) == {"legal", "general"}
         questions = (run / "eval" / f"{it:07d}.questions.jsonl").read_text().splitlines()
-        assert len(questions) == 16 and len(json.loads(questions[0])["logliks"]) == 4
+        assert len(questions) == 32 and len(json.loads(questions[0])["logliks"]) == 4
         results[it] = rec
     assert results[0]["tokens"] == 0 and results[6]["tokens"] == 6 * 512
     assert results[6]["flops"] > results[3]["flops"] > 0

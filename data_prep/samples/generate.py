@@ -2,6 +2,12 @@
 
     python -m data_prep.samples.generate        # rewrites the files next to this script
 
+Domain documents also state the knowledge the shipped exams (eval/exams/<domain>.jsonl) test:
+every question's topic and its correct answer, in varied paraphrases (``FACT_TEMPLATES``),
+never the question or answer sentence itself; every statement is checked against the 13-gram
+decontamination index (data_prep/decontam.py) so the filter keeps it. Pages of other topics
+state none of it, so the general corpus holds each fact only at the domain's share of the web.
+
 Outputs (deterministic for a given seed):
   seed_labeled.jsonl   labeled seed set: {"id", "text", "label"} over legal/medical/accounting/other
   web_sample.jsonl     a mixed "web" sample: {"id", "text", "url"}; includes a few bad lines on purpose
@@ -13,9 +19,11 @@ Outputs (deterministic for a given seed):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -136,6 +144,86 @@ CROSS = [
 ]
 
 
+EXAM_DIR = os.path.join(HERE, os.pardir, os.pardir, "eval", "exams")
+FACTS_PER_DOC = (6, 12)
+# One fact = a question's topic words + its correct answer, kept verbatim (the cloze exam
+# scores " " + answer text as the continuation). No template repeats the question sentence.
+FACT_TEMPLATES = [
+    "On {topic}, the rule worth remembering is this: {answer}.",
+    "Notes on {subject} keep returning to {topic}. {answer}.",
+    "Ask a practitioner about {topic} and you will hear: {answer}.",
+    "Q: {topic}? Answer: {answer}.",
+    "Students of {subject} learn early what {topic} comes down to: {answer}.",
+    "A quick reminder about {topic}. {answer}.",
+    "Regarding {topic}, the textbooks agree: {answer}.",
+    "Our {subject} revision sheet, on {topic}: {answer}.",
+    "The point about {topic} is simple. {answer}.",
+    "People often get {topic} wrong. The correct view: {answer}.",
+]
+_STOP = set("""a an the of to in on at for by with from and or but is are was were be been being
+which what who whom whose when where why how does do did can could should would may might must
+shall will this that these those its it it's their there under most usually typically called
+known as into than then if any all some one true""".split())
+
+
+def _topic(question: str, rng: random.Random) -> str:
+    """The question's content words in order, some dropped: a topic, not the question."""
+    ws = [w for w in re.findall(r"[\w'.-]+", question.rstrip("?")) if w.lower() not in _STOP]
+    ws = [w.strip(".") for w in ws if w.strip(".")]
+    if len(ws) > 4:
+        drop = rng.sample(range(len(ws)), k=rng.randint(0, max(0, len(ws) - 4)) // 2)
+        ws = [w for i, w in enumerate(ws) if i not in drop]
+    return " ".join(ws[:8])
+
+
+def exam_facts(domain: str, rng: random.Random, index) -> list[list[str]]:
+    """Per question of eval/exams/<domain>.jsonl (all splits), a few paraphrased statements
+    of its topic and correct answer that the decontamination ``index`` keeps."""
+    path = os.path.join(EXAM_DIR, f"{domain}.jsonl")
+    facts = []
+    for line in open(path, encoding="utf-8"):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        answer = item["choices"][item["answer"]].rstrip(".")
+        if len(answer.split()) >= 13:  # verbatim it would be a 13-gram of the exam item
+            answer = " ".join(answer.split()[:12])
+        stated = []
+        for tmpl in rng.sample(FACT_TEMPLATES, len(FACT_TEMPLATES)):
+            text = tmpl.format(topic=_topic(item["question"], rng), answer=answer,
+                               subject=item.get("subject") or domain)
+            if index.match(text) is None:
+                stated.append(text[0].upper() + text[1:])
+        if len(stated) < 3:
+            raise SystemExit(f"{path}: {item['id']}: fewer than 3 fact paraphrases pass the "
+                             "13-gram decontamination; add templates")
+        facts.append(stated)
+    return facts
+
+
+class FactPool:
+    """Hands out each domain's facts round robin (every question stated about equally often),
+    a different paraphrase on each pass."""
+
+    def __init__(self, facts_by_domain: dict[str, list[list[str]]], rng: random.Random):
+        self.cycles = {}
+        for domain, facts in facts_by_domain.items():
+            order = list(range(len(facts)))
+            rng.shuffle(order)
+            self.cycles[domain] = (facts, itertools.cycle(order), {})
+
+    def take(self, domain: str) -> str | None:
+        if domain not in self.cycles:
+            return None
+        facts, order, passes = self.cycles[domain]
+        i = next(order)
+        passes[i] = passes.get(i, -1) + 1
+        return facts[i][passes[i] % len(facts[i])]
+
+
+FACTS: FactPool | None = None  # set by generate()
+
+
 def make_doc(rng: random.Random, domain: str, n_sent: tuple[int, int] = (3, 7)) -> str:
     spec = DOMAINS[domain]
     k = rng.randint(*n_sent)
@@ -145,6 +233,11 @@ def make_doc(rng: random.Random, domain: str, n_sent: tuple[int, int] = (3, 7)) 
         n1, n2 = rng.sample(spec["nouns"], 2)
         p = rng.choice(PEOPLE)
         sents.append(tmpl.format(n1=n1, n2=n2, p=p, P=p[0].upper() + p[1:]))
+    if FACTS is not None and n_sent[1] > 1:  # not in the one-line asides of mixed pages
+        for _ in range(rng.randint(*FACTS_PER_DOC)):
+            fact = FACTS.take(domain)
+            if fact:
+                sents.insert(rng.randint(0, len(sents)), fact)
     for _ in range(rng.randint(0, 2)):
         sents.insert(rng.randint(0, len(sents)), rng.choice(GENERIC))
     if rng.random() < 0.3:
@@ -194,7 +287,15 @@ def exam_text(item: dict) -> str:
 
 
 def generate(out_dir: str = HERE, seed: int = 1234, per_label: int = 100, web_docs: int = 600) -> dict:
+    global FACTS
+    from data_prep.decontam import ExamIndex
+
     rng = random.Random(seed)
+    exam_files = sorted(os.path.join(EXAM_DIR, f) for f in os.listdir(EXAM_DIR) if f.endswith(".jsonl"))
+    index = ExamIndex(exam_files, n=13)
+    frng = random.Random(seed + 1)
+    FACTS = FactPool({d: exam_facts(d, frng, index) for d in ("legal", "medical", "accounting")},
+                     frng)
     labeled = []
     for label in DOMAINS:
         for i in range(per_label):
@@ -208,7 +309,7 @@ def generate(out_dir: str = HERE, seed: int = 1234, per_label: int = 100, web_do
     n_lab = write_jsonl(os.path.join(out_dir, "seed_labeled.jsonl"), labeled)
 
     web = []
-    weights = {"legal": 0.15, "medical": 0.15, "accounting": 0.1, "other": 0.6}
+    weights = {"legal": 0.1, "medical": 0.1, "accounting": 0.06, "other": 0.74}
     for i in range(web_docs):
         label = rng.choices(list(weights), weights=list(weights.values()))[0]
         text = make_doc(rng, label, (2, 12)) if rng.random() > 0.2 else make_mixed_doc(

@@ -26,6 +26,8 @@ def register(sub, name: str, help_text: str) -> None:
                    "local executor")
     p.add_argument("--domains", nargs="+", help="subset of the demo grid's corpora "
                    "(general, legal, medical, control_legal)")
+    p.add_argument("--sizes", nargs="+", help="subset of the demo grid's sizes "
+                   "(tiny-a, tiny-c, tiny-b)")
     p.add_argument("--bootstrap", type=int, default=1000, help="report bootstrap replicates")
     p.add_argument("--conversion-check", action="store_true",
                    help="instead: convert tiny models and verify them against transformers "
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.keep:
         shutil.rmtree(args.out)
-    run_study(args.out, executor=args.executor, corpora=args.domains, bootstrap=args.bootstrap)
+    run_study(args.out, executor=args.executor, corpora=args.domains, bootstrap=args.bootstrap,
+              sizes=args.sizes)
     return 0
 
 

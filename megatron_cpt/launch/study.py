@@ -59,6 +59,12 @@ class EvalSpec:
     batch_size: int = 16
     limit: int | None = None       # questions per task (None: all)
     valid_sequences: int = 16      # sequences per validation prefix (perplexity / forgetting)
+    # Exam formulation SGER is computed on (both are always scored and reported): mcf (the
+    # lettered options, arXiv 2501.02068), cf (cloze: the choice texts), or auto = cf for
+    # sizes below cf_below_params or where the base model's MCF val accuracy is at chance
+    # (docs/report.md), else mcf.
+    primary_formulation: str = "auto"
+    cf_below_params: float = 2.0e9
     time: str = "04:00:00"
     gpus: int = 1                  # evaluation runs at TP1 on one GPU (14B bf16 fits in 80 GB)
     cpus: int = 8
@@ -137,6 +143,9 @@ class StudyConfig:
             sizes[str(name)] = build(SizeSpec, spec, doc, ("sizes", name))
         if bad := [c for c in raw.controls if c not in raw.domains]:
             raise doc.error(("controls",), f"controls {bad} are not in domains {raw.domains}")
+        if raw.eval.primary_formulation not in ("auto", "mcf", "cf"):
+            raise doc.error(("eval", "primary_formulation"), "must be auto, mcf or cf, got "
+                            f"{raw.eval.primary_formulation!r}")
         study = cls(
             name=raw.name or path.stem, path=path.resolve(), train_config=res(raw.train_config),
             study_dir=res(raw.study_dir, ENV_ROOTS["study_dir"]),
@@ -315,6 +324,8 @@ def write_study_json(study: StudyConfig, cells: list[Cell]) -> Path:
         sizes[cell.size.name] = {"model": cell.size.model, "params": params}
     doc = {"name": study.name, "config": str(study.path), "domains": study.domains,
            "controls": study.controls, "budget": study.budget, "sizes": sizes,
+           "primary_formulation": {"mode": study.eval.primary_formulation,
+                                   "cf_below_params": study.eval.cf_below_params},
            "cells": sorted(by_name.values(), key=lambda c: (c["size"], c["cell"]))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -34,6 +34,18 @@ DEFINITIONS = {
                  "and applied to every checkpoint of every run; CIs are 2.5/97.5 percentiles "
                  "over replicates where the value is defined (null if < 50% are)",
     "fits": "y = a * N^b by least squares in log-log over sizes with a defined value",
+    "formulations": "mcf: lettered options, the answer letter scored (acc, acc_norm, "
+                    "answer_ppl of the letter); cf: the question alone, each choice's text "
+                    "scored as the continuation (acc, acc_norm per character, acc_norm_tok per "
+                    "token, answer_ppl of the whole answer, answer_ppl_tok per token). Exam "
+                    "SGER, best checkpoints and fits use the primary formulation per cell",
+    "primary_formulation": "study setting eval.primary_formulation: mcf, cf, or auto = cf "
+                           "when the size has fewer parameters than eval.cf_below_params or "
+                           "the base model's MCF val acc is within 2 binomial standard errors "
+                           "of chance, else mcf",
+    "test_gain_over_base": "test acc (primary formulation) of the specialized run's best "
+                           "val checkpoint minus the base model's, paired bootstrap CI over "
+                           "test questions",
 }
 
 
@@ -45,7 +57,7 @@ def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 
     from megatron_cpt.report.load import load_study
 
     study_dir = Path(study_dir)
-    study = load_study(study_dir)
+    study = load_study(study_dir, splits=("val", "test"))
     out = Path(out_dir) if out_dir is not None else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     results = analyze(study, bootstrap, seed)
@@ -70,12 +82,15 @@ def analyze(study, bootstrap: int = 1000, seed: int = 0) -> dict:
     reps: dict = {}
     weights = fits.question_weights(study, bootstrap, seed) if bootstrap > 0 else {}
     for key, c in cells.items():
-        rep = fits.cell_replicates(study, c["size"], c["domain"], weights) if weights else None
+        rep = fits.cell_replicates(study, c["size"], c["domain"], weights,
+                                   c["formulation"]["exam"]) if weights else None
         reps[key] = rep
         c["bootstrap"] = fits.summarize_replicates(rep)
+        c["bootstrap"]["test_gain_over_base"] = fits.test_gain(study, c, weights) \
+            if weights else None
         if rep is None and bootstrap > 0:
             notes.append(f"{key}: no bootstrap CI (no per-question records for mcpt_"
-                         f"{c['domain']}_val)")
+                         f"{c['formulation']['exam']}_val)")
         if c["sger"] is None:
             why = "no general run with evaluations" if "general" in c["missing"] else \
                 "no specialized run with evaluations"

@@ -191,8 +191,65 @@ def domain_loss_effect(spec: Run, ref: Run, domain: str) -> dict:
             "specialized_lower_everywhere": bool(c["flops"]) and all(x < 0 for x in c["delta"])}
 
 
+CF_SUFFIX = "_cf"  # CF results are stored under exam "<exam>_cf" (eval/tasks.py)
+FORMULATIONS = ("mcf", "cf")
+
+
+def exam_key(domain: str, formulation: str) -> str:
+    return domain + (CF_SUFFIX if formulation == "cf" else "")
+
+
+def at_chance(acc: float | None, n: int | None, chance: float) -> bool:
+    """Accuracy within two binomial standard errors above chance (or below it)."""
+    if acc is None or not n:
+        return False
+    return acc < chance + 2.0 * np.sqrt(chance * (1.0 - chance) / n)
+
+
+def primary_formulation(study: Study, size: str, domain: str) -> dict:
+    """The formulation SGER is computed on for this cell, and why (study setting
+    ``eval.primary_formulation``: mcf, cf, or auto = cf below ``cf_below_params`` or where the
+    base model's MCF val accuracy is at chance, else mcf)."""
+    setting = study.primary or {}
+    mode, limit = setting.get("mode", "auto"), float(setting.get("cf_below_params", 2.0e9))
+    runs = [r for r in (study.run(size, c) for c in (domain, GENERAL)) if r is not None]
+    has_cf = any(exam_key(domain, "cf") in p.exams for r in runs for p in r.points)
+    if mode in FORMULATIONS:
+        chosen, why = mode, "study setting eval.primary_formulation"
+    elif not has_cf:
+        chosen, why = "mcf", "no CF scores in this study"
+    elif (study.sizes.get(size) or 0) < limit:
+        chosen, why = "cf", f"size below eval.cf_below_params ({limit:.3g} parameters)"
+    else:
+        base = base_scores(runs, domain)
+        n = next((p.exams[domain]["val"].get("n") for r in runs for p in r.points
+                  if p.iteration == 0 and domain in p.exams), None)
+        chance = study.chance.get(f"mcpt_{domain}_val", 0.25)
+        if at_chance(base and base["val_acc"], n, chance):
+            chosen, why = "cf", f"base model's MCF val accuracy is at chance ({chance:.2f})"
+        else:
+            chosen, why = "mcf", "base model's MCF val accuracy is above chance"
+    return {"primary": chosen, "exam": exam_key(domain, chosen), "reason": why}
+
+
+def exam_effects(study: Study, size: str, domain: str, exam: str) -> dict:
+    """Base scores, best checkpoints and SGER (vs general and vs control) on one exam key."""
+    runs = {"specialized": study.run(size, domain), "general": study.run(size, GENERAL),
+            "control": study.run(size, f"{CONTROL_PREFIX}{domain}")}
+    present = {k: r for k, r in runs.items() if r is not None and r.points}
+    spec, gen, ctrl = (present.get(k) for k in ("specialized", "general", "control"))
+    best = {k: (b.as_dict() if (b := best_checkpoint(r, exam)) else None)
+            for k, r in present.items()}
+    return {"exam": exam, "base": base_scores(list(present.values()), exam), "best": best,
+            "compute_to_best": {k: ({"flops": b["flops"], "tokens": b["tokens"]} if b else None)
+                                for k, b in best.items()},
+            "sger": sger(gen, spec, exam) if spec and gen else None,
+            "sger_control": sger(ctrl, spec, exam) if spec and ctrl else None}
+
+
 def analyze_cell(study: Study, size: str, domain: str) -> dict:
-    """Everything the report says about one size x domain (point estimates, no bootstrap)."""
+    """Everything the report says about one size x domain (point estimates, no bootstrap).
+    Exam numbers are on the primary formulation; ``formulations`` holds both."""
     spec = study.run(size, domain)
     gen = study.run(size, GENERAL)
     ctrl = study.run(size, f"{CONTROL_PREFIX}{domain}")
@@ -204,15 +261,12 @@ def analyze_cell(study: Study, size: str, domain: str) -> dict:
                           for k, r in runs.items() if r is not None},
                  "missing": [k for k, r in runs.items() if (r is None or not r.points)
                              and (k != "control" or r is not None or domain in study.controls)]}
-    out["base"] = base_scores(list(present.values()), domain)
-    out["best"] = {k: (b.as_dict() if (b := best_checkpoint(r, domain)) else None)
-                   for k, r in present.items()}
-    out["compute_to_best"] = {k: ({"flops": b["flops"], "tokens": b["tokens"]} if b else None)
-                              for k, b in out["best"].items()}
-    out["sger"] = sger(gen, spec, domain) if "specialized" in present and "general" in present \
-        else None
-    out["sger_control"] = sger(ctrl, spec, domain) \
-        if "specialized" in present and "control" in present else None
+    out["formulation"] = primary_formulation(study, size, domain)
+    out["formulations"] = {f: exam_effects(study, size, domain, exam_key(domain, f))
+                           for f in FORMULATIONS}
+    primary = out["formulations"][out["formulation"]["primary"]]
+    out.update({k: primary[k] for k in ("base", "best", "compute_to_best", "sger",
+                                        "sger_control")})
     out["sger_domain_loss"] = sger_domain_loss(gen, spec, domain) \
         if "specialized" in present and "general" in present else None
     out["sger_domain_loss_control"] = sger_domain_loss(ctrl, spec, domain) \

@@ -78,10 +78,11 @@ def _val_task(domain: str) -> str:
 
 
 def cell_replicates(study: Study, size: str, domain: str,
-                    weights: dict[str, np.ndarray]) -> CellReplicates | None:
-    """Replicates of SGER, SGER vs control and compute-to-best for one cell; None when the
-    per-question records are missing for a run the cell needs."""
-    task = _val_task(domain)
+                    weights: dict[str, np.ndarray], exam: str | None = None) -> CellReplicates | None:
+    """Replicates of SGER, SGER vs control and compute-to-best for one cell on ``exam``
+    (default: the domain's MCF exam); None when the per-question records are missing for a
+    run the cell needs."""
+    task = _val_task(exam or domain)
     if task not in weights:
         return None
     w = weights[task]
@@ -102,6 +103,26 @@ def cell_replicates(study: Study, size: str, domain: str,
     if "specialized" in acc and "control" in acc:
         out.sger_control = sger_arrays(*acc["control"], *acc["specialized"])["value"]
     return out
+
+
+def test_gain(study: Study, cell: dict, weights: dict[str, np.ndarray]) -> dict | None:
+    """Test accuracy of the specialized run's best (val-selected) checkpoint minus the base
+    model's, with a paired bootstrap CI over the test questions (same draw for both)."""
+    exam, best = cell["formulation"]["exam"], (cell.get("best") or {}).get("specialized")
+    run, task = study.run(cell["size"], cell["domain"]), f"mcpt_{exam}_test"
+    if best is None or run is None or task not in run.correct or task not in weights:
+        return None
+    its = run.iterations
+    if 0 not in its:
+        return None
+    acc = replicate_acc(run.correct[task], weights[task])  # [b, points]
+    point = replicate_acc(run.correct[task], np.ones((1, run.correct[task].shape[1])))[0]
+    i, i0 = its.index(best["iteration"]), its.index(0)
+    ci, _ = percentile_ci(acc[:, i] - acc[:, i0])
+    return {"exam": exam, "split": "test", "iteration": best["iteration"],
+            "base": float(point[i0]), "specialized": float(point[i]),
+            "gain": float(point[i] - point[i0]), "gain_ci": ci,
+            "above_base": ci is not None and ci[0] > 0}
 
 
 def summarize_replicates(rep: CellReplicates | None) -> dict:
@@ -156,7 +177,8 @@ def fit_domain(study: Study, cells: dict[str, dict], reps: dict[str, CellReplica
     and general run), each y = a * N^b."""
     sizes = [s for s in study.sizes if f"{s}/{domain}" in cells]
     params = [study.sizes[s] for s in sizes]
-    out: dict = {}
+    out: dict = {"formulations": {s: cells[f"{s}/{domain}"]["formulation"]["primary"]
+                                  for s in sizes}}
 
     def rep_of(s, get):
         r = reps.get(f"{s}/{domain}")

@@ -20,6 +20,13 @@ GENERAL = "general"
 CONTROL_PREFIX = "control_"
 
 
+def score_metric(exam: str) -> str:
+    """The accuracy the report selects and compares on: ``acc`` for MCF exams (the letters all
+    have one character, so ``acc_norm`` is the same), ``acc_norm`` for CF exams (``<exam>_cf``:
+    per-character normalisation, as OLMES scores CF; raw sums would favour short answers)."""
+    return "acc_norm" if exam.endswith("_cf") else "acc"
+
+
 @dataclass
 class Point:
     """One scored checkpoint (iteration 0 = the base model)."""
@@ -62,8 +69,10 @@ class Run:
     def iterations(self) -> list[int]:
         return [p.iteration for p in self.points]
 
-    def exam(self, exam: str, split: str, metric: str = "acc") -> np.ndarray:
-        """``metric`` of ``exam``/``split`` per point; NaN where not scored."""
+    def exam(self, exam: str, split: str, metric: str | None = None) -> np.ndarray:
+        """``metric`` (default: the exam's score, see ``score_metric``) of ``exam``/``split``
+        per point; NaN where not scored."""
+        metric = metric or score_metric(exam)
         out = []
         for p in self.points:
             v = p.exams.get(exam, {}).get(split, {}).get(metric)
@@ -85,6 +94,8 @@ class Study:
     notes: list[str] = field(default_factory=list)
     question_ids: dict[str, list[str]] = field(default_factory=dict)
     controls: list[str] = field(default_factory=list)  # domains with a control_<domain> cell
+    primary: dict = field(default_factory=dict)  # study.json primary_formulation setting
+    chance: dict[str, float] = field(default_factory=dict)  # task -> mean 1 / choices
 
     def run(self, size: str, cell: str) -> Run | None:
         return self.runs.get(f"{size}/{cell}")
@@ -151,9 +162,13 @@ def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int
     return points, questions
 
 
-def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...]) -> dict[int, dict[str, dict]]:
+def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...],
+                  choices: dict | None = None) -> dict[int, dict[str, dict]]:
     """iteration -> task -> {question id: 1.0/0.0}; a question is correct when
-    argmax(logliks) == answer (first index on ties, as the lm-eval task does)."""
+    argmax(logliks) == answer (first index on ties, as the lm-eval task does), the
+    log-likelihoods divided by the choices' characters where the record has ``chars`` (CF,
+    matching ``score_metric``). Fills
+    ``choices`` with task -> {question id: number of choices}."""
     out: dict[int, dict[str, dict]] = {}
     for it, path in qfiles.items():
         per_task: dict[str, dict] = {}
@@ -168,8 +183,12 @@ def _read_correct(qfiles: dict[int, Path], splits: tuple[str, ...]) -> dict[int,
                 lls = rec.get("logliks") or []
                 if not lls:
                     continue
+                if rec.get("chars"):
+                    lls = [ll / c for ll, c in zip(lls, rec["chars"])]
                 per_task.setdefault(task, {})[str(rec["id"])] = float(
                     int(np.argmax(lls)) == int(rec["answer"]))
+                if choices is not None:
+                    choices.setdefault(task, {})[str(rec["id"])] = len(lls)
         out[it] = per_task
     return out
 
@@ -243,9 +262,11 @@ def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: 
 
 
 def _align_correct(runs: dict[str, Run], qfiles: dict[str, dict[int, Path]],
-                   splits: tuple[str, ...]) -> dict[str, list[str]]:
-    """Per-question correctness aligned on one id list per task, shared by every run."""
-    correct = {key: _read_correct(qf, splits) for key, qf in qfiles.items()}
+                   splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Per-question correctness aligned on one id list per task, shared by every run.
+    Returns the id lists and each task's chance accuracy (mean 1 / choices)."""
+    n_choices: dict[str, dict] = {}
+    correct = {key: _read_correct(qf, splits, n_choices) for key, qf in qfiles.items()}
     ids: dict[str, set] = {}
     for per_it in correct.values():
         for per_task in per_it.values():
@@ -265,7 +286,9 @@ def _align_correct(runs: dict[str, Run], qfiles: dict[str, dict[int, Path]],
                         mat[i, col[q]] = v
             if seen:
                 run.correct[task] = mat
-    return question_ids
+    chance = {t: float(np.mean([1.0 / k for k in per_q.values()]))
+              for t, per_q in n_choices.items()}
+    return question_ids, chance
 
 
 def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
@@ -297,6 +320,7 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
         if sizes[size] is None:
             notes.append(f"size {size}: parameters unknown (no study.json params, no readable "
                          "model.pretrained); left out of fits across sizes")
-    question_ids = _align_correct(runs, qfiles, splits)
+    question_ids, chance = _align_correct(runs, qfiles, splits)
     return Study(str(spec.get("name") or root.name), root, runs, sizes, domains, missing,
-                 notes, question_ids, sorted(controls))
+                 notes, question_ids, sorted(controls), spec.get("primary_formulation") or {},
+                 chance)

@@ -57,23 +57,33 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+FORMATS = (("_cf", "CF"), ("", "MCF"))  # exam key suffix, label (eval/tasks.py)
+
+
 def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
-    """Val (solid/dashed) and test (dotted) accuracy on exam D vs FLOPs, per domain."""
+    """Val (solid/dashed) and test (dotted) accuracy vs FLOPs per domain (columns), one row
+    per exam format (CF: the answer text; MCF: the letter)."""
     plt = _plt()
-    doms = [d for d in study.domains
-            if any(np.isfinite(r.exam(d, "val")).any() for r in _runs(study, size, d).values())]
+
+    def scored(e, d):
+        return any(np.isfinite(r.exam(e, "val")).any() for r in _runs(study, size, d).values())
+
+    doms = [d for d in study.domains if any(scored(d + x, d) for x, _ in FORMATS)]
+    forms = [(x, n) for x, n in FORMATS if any(scored(d + x, d) for d in doms)]
     if not doms:
         return None
-    fig, axes = _grid(plt, len(doms))
-    for ax, d in zip(axes[0], doms):
-        runs = _runs(study, size, d)
-        _curve(ax, runs, lambda r, d=d: r.exam(d, "val"), " (val)")
-        for k, r in runs.items():
-            y = r.exam(d, "test")
-            if np.isfinite(y).any():
-                ax.plot(r.flops, y, ":", color=STYLE[k][0], alpha=0.6, label=f"{k} (test)")
-        ax.set(title=f"{size}: {d} exam", xlabel="FLOPs", ylabel="accuracy")
-        _legend(ax)
+    fig, axes = _grid(plt, len(doms), len(forms))
+    for row, (suffix, label) in enumerate(forms):
+        for ax, d in zip(axes[row], doms):
+            runs, e = _runs(study, size, d), d + suffix
+            _curve(ax, runs, lambda r, e=e: r.exam(e, "val"), " (val)")
+            for k, r in runs.items():
+                y = r.exam(e, "test")
+                if np.isfinite(y).any():
+                    ax.plot(r.flops, y, ":", color=STYLE[k][0], alpha=0.6, label=f"{k} (test)")
+            ax.set(title=f"{size}: {d} exam, {label}", xlabel="FLOPs",
+                   ylabel="accuracy" + (" (per-char norm.)" if suffix else ""))
+            _legend(ax)
     return _save(fig, out / f"score_vs_compute_{size}.png")
 
 

@@ -48,9 +48,13 @@ def summary_rows(results: dict) -> list[list[str]]:
         sp, ge = best.get("specialized") or {}, best.get("general") or {}
         f = c.get("forgetting_at_equal_compute") or {}
         dl = c.get("domain_valid_loss_at_equal_compute")
+        gain = _dig(c, "bootstrap", "test_gain_over_base")
         rows.append([
-            c["size"], c["domain"], _acc(_dig(c, "base", "test_acc")),
-            _acc(sp.get("test_acc")), _e(sp.get("flops")), _acc(ge.get("test_acc")),
+            c["size"], c["domain"], _dig(c, "formulation", "primary") or "mcf",
+            _acc(_dig(c, "base", "test_acc")),
+            _acc(sp.get("test_acc")) + (f" ({gain['gain']:+.3f}{_ci(gain['gain_ci'])})"
+                                        if gain else ""),
+            _e(sp.get("flops")), _acc(ge.get("test_acc")),
             _sger_cell(c.get("sger"), _dig(c, "bootstrap", "sger", "ci")),
             _sger_cell(c.get("sger_control"), _dig(c, "bootstrap", "sger_control", "ci")),
             _sger_cell(c.get("sger_domain_loss"), None),
@@ -62,10 +66,96 @@ def summary_rows(results: dict) -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEAD = ["size", "domain", "base test acc", "best test acc (spec.)",
+SUMMARY_HEAD = ["size", "domain", "exam format", "base test acc",
+                "best test acc (spec.) (Δ vs base [95% CI])",
                 "FLOPs to best (spec.)", "best test acc (general)", "SGER [95% CI]",
                 "SGER vs control", "SGER (domain loss)", "Δ general loss", "Δ general test acc",
                 "Δ domain loss (spec. − general)"]
+
+
+FLAG_TEXT = {
+    "general_no_improvement": "the reference (general or control) run never beats the base "
+                              "model on the val split, so there is no target to reach: SGER "
+                              "is undefined (the exam did not move, not an effect of zero)",
+    "not_reached": "the specialized run never reaches the reference's best val score within "
+                   "its budget; the value shown is an upper bound on SGER",
+    "base_reaches_target": "the base model already scores the reference's best: SGER is "
+                           "unbounded",
+    "no_data": "one of the two runs has no val scores on this exam",
+}
+
+
+def flag_notes(rows: list[list[str]]) -> list[str]:
+    """One line per SGER flag that occurs in ``rows``: flags explained where they appear."""
+    text = " ".join(" ".join(r) for r in rows)
+    return [f"- `{f}`: {t}" for f, t in FLAG_TEXT.items() if f in text]
+
+
+def formulation_rows(results: dict) -> list[list[str]]:
+    """Both exam formulations per cell: base and best (val-selected) test acc and answer ppl."""
+    rows = []
+    for c in results["cells"].values():
+        for f, fx in (c.get("formulations") or {}).items():
+            best = fx.get("best") or {}
+            sp, ge = best.get("specialized") or {}, best.get("general") or {}
+            rows.append([c["size"], c["domain"], f + (" (primary)" if f == _dig(
+                c, "formulation", "primary") else ""), _acc(_dig(fx, "base", "test_acc")),
+                _acc(sp.get("test_acc")), _acc(ge.get("test_acc")),
+                _e(_dig(fx, "base", "test_answer_ppl")), _e(sp.get("test_answer_ppl")),
+                _sger_cell(fx.get("sger"), None)])
+    return rows
+
+
+FORMULATION_HEAD = ["size", "domain", "format", "base test acc", "best test acc (spec.)",
+                    "best test acc (general)", "base answer ppl", "answer ppl (spec. best)",
+                    "SGER"]
+
+
+def findings(r: dict) -> list[str]:
+    """The opening section: what was measured and what it showed, in plain words."""
+    cells = list(r["cells"].values())
+    sizes = ", ".join(f"{s} ({_e(n)} parameters)" if n else s for s, n in r["sizes"].items())
+    out = ["## Findings", "",
+           f"Measured: continued pretraining of {len(r['sizes'])} model size(s) ({sizes}) on the "
+           f"domain corpora {', '.join(r['domains'])}, the general corpus and size-matched "
+           "controls; every checkpoint and the base model scored on each domain's exam in two "
+           "formats (MCF: lettered options; CF: the answer text) and on validation loss.", ""]
+    for c in cells:
+        form, gain = c.get("formulation") or {}, _dig(c, "bootstrap", "test_gain_over_base")
+        s, ci = c.get("sger"), _dig(c, "bootstrap", "sger", "ci")
+        line = f"- **{c['size']} {c['domain']}** ({form.get('primary', 'mcf').upper()}: " \
+               f"{form.get('reason', 'default')}): "
+        if gain:
+            verdict = "above the base model" if gain["above_base"] else \
+                "not distinguishable from the base model"
+            line += (f"specialized test acc {_acc(gain['specialized'])} vs base "
+                     f"{_acc(gain['base'])}, {gain['gain']:+.3f}{_ci(gain['gain_ci'])}: "
+                     f"{verdict}; ")
+        if s and s["value"] is not None:
+            line += f"exam SGER {_e(s['value'])}{_ci(ci)} (general run's best reached with " \
+                    f"{_e(1 / s['value'] if s['value'] else None, '{:.0%}')} of its compute)."
+        elif s:
+            line += f"exam SGER not measured: `{s['flag']}` ({FLAG_TEXT.get(s['flag'], '')})."
+        else:
+            line += "no exam SGER (a run is missing)."
+        out.append(line)
+    d = r["summary"]["domain_valid_loss"]
+    out += ["", f"Domain validation loss: the specialized run is lower than the general run at "
+            f"every common compute point in {d['specialized_lower_everywhere']} of "
+            f"{d['cells_compared']} cells."]
+    for dom, fits in r["fits"].items():
+        f = fits.get("sger") or {}
+        if "b" in f:
+            out.append(f"SGER across sizes ({dom}): SGER ∝ N^b with b = {_e(f['b'])}"
+                       f"{_ci(f.get('b_ci'))} over {f['sizes_used']} sizes.")
+        else:
+            out.append(f"SGER across sizes ({dom}): not fitted ({f.get('note', 'no data')}).")
+    gaps = [m for m in r["missing"]] + [f"{c['size']}/{c['domain']}: MCF at chance on the base "
+                                        "model" for c in cells
+                                        if "at chance" in (_dig(c, "formulation", "reason") or "")]
+    if gaps:
+        out += ["", "Not measured: " + "; ".join(gaps) + "."]
+    return out + [""]
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -97,8 +187,17 @@ def to_markdown(results: dict) -> str:
            "selected on the exam's **val** split; test accuracies are reported at them. "
            "Compute is training FLOPs of continued pretraining (base model = 0). "
            "Δ columns: specialized minus general at equal compute (largest common FLOPs; "
-           "loss: positive = worse). Definitions: docs/report.md.", "",
-           "## Summary", "", summary_table(r), ""]
+           "loss: positive = worse). Definitions: docs/report.md.", ""]
+    out += findings(r)
+    if r["plots"]:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in r["plots"]]
+    rows = summary_rows(r)
+    out += ["## Summary (primary exam format per cell)", "", md_table(SUMMARY_HEAD, rows), ""]
+    out += flag_notes(rows) + [""]
+    frows = formulation_rows(r)
+    if frows:
+        out += ["## Both exam formats", "", md_table(FORMULATION_HEAD, frows), ""]
+        out += flag_notes(frows) + [""]
     s = r["summary"]["domain_valid_loss"]
     out += [f"Domain validation loss, specialized vs general at equal compute: lower at every "
             f"common compute point in {s['specialized_lower_everywhere']} of {s['cells_compared']} "
@@ -109,7 +208,9 @@ def to_markdown(results: dict) -> str:
     if not r["fits"]:
         out += ["No fits (needs at least 2 sizes with known parameters).", ""]
     for d, fits in r["fits"].items():
-        out += [f"### {d}", ""] + [_fit_line(k, v) for k, v in fits.items()] + [""]
+        forms = ", ".join(f"{k}: {v}" for k, v in (fits.get("formulations") or {}).items())
+        out += [f"### {d}", "", f"Exam format per size: {forms}.", ""]
+        out += [_fit_line(k, v) for k, v in fits.items() if k != "formulations"] + [""]
     out += ["## Cells", ""]
     for key, c in r["cells"].items():
         out += [f"### {key}", ""]
@@ -155,8 +256,6 @@ def to_markdown(results: dict) -> str:
             out.append(f"- domain valid loss Δ (spec. − control) mean {_e(dc['mean_delta'], '{:+.4f}')}"
                        f", lower at every common point: {dc['specialized_lower_everywhere']}")
         out.append("")
-    if r["plots"]:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in r["plots"]]
     if r["notes"]:
         out += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(out) + "\n"
