@@ -114,7 +114,8 @@ def base_model(out: Path, model: str, seed: int) -> str:
         f"model.pretrained={base / f'{model}-random'}",
         f"data.train=[{{prefix: {data / 'general_train'}, weight: 1.0}}]",
         f"data.valid=[{{name: general, prefix: {data / 'general_valid'}}}]",
-        f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null", "--force")
+        f"budget.iterations={BASE_ITERATIONS}", "checkpoint.every_tokens=null",
+        "batch.micro_batch_size=8", "--force")
     valid = [r["loss"] for r in run.metrics() if r["kind"] == "valid"]
     cli("convert", "mcore-to-hf", "--ckpt", str(run.checkpoints / run.latest_name()),
         "--out", str(base / f"{model}-hf"), "--force")

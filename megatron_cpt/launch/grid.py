@@ -150,10 +150,23 @@ def train_job(cell: Cell) -> TrainCell:
                      max_failures=cell.study.resources.max_failures)
 
 
+GENERAL_EXAM = "general"  # the general benchmark's exam name (report.load.GENERAL)
+
+
 def eval_job(cell: Cell) -> EvalCell:
     ev = cell.study.eval
-    return EvalCell(cell.name, str(cell.run_dir), list(ev.exams), ev.num_fewshot, ev.batch_size,
-                    ev.limit, ev.valid_sequences, threads=ev.cpus)
+    return EvalCell(cell.name, str(cell.run_dir), cell_exams(cell), ev.num_fewshot,
+                    ev.batch_size, ev.limit, ev.valid_sequences, threads=ev.cpus)
+
+
+def cell_exams(cell: Cell) -> list[str]:
+    """The exams the report reads for this cell: all for the general run (every domain's SGER
+    refers to it), else the cell's domain exam and the general benchmark (forgetting). A legal
+    run is never compared on the medical exam, so it is not scored there."""
+    exams = [str(e) for e in cell.study.eval.exams]
+    if cell.domain is None:
+        return exams
+    return [e for e in exams if Path(e).stem in (cell.domain, GENERAL_EXAM)] or exams
 
 
 def cost_rows(cells: list[Cell], mfu: float = 0.40, peak_tflops: float = 989.0) -> list[dict]:
@@ -250,7 +263,8 @@ def _already(cell: Cell, launches: dict) -> str | None:
 def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
                 evaluate: bool = True, log=print) -> dict:
     """Check every cell, then submit. ``kind``: slurm (arrays + afterok, returns at once) or
-    local (cells one after another on this machine, requeued in place; returns when done).
+    local (cells trained one after another on this machine, requeued in place, each cell's
+    evaluation running beside the next cell's training; returns when all are done).
     Rerunning it submits only what is missing: cells whose job is still queued or running are
     left alone, finished cells only get an evaluation job when checkpoints are unscored."""
     from megatron_cpt.launch.capacity import check_memory
@@ -264,6 +278,7 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
     launches = json.loads(launches_path.read_text()) if launches_path.is_file() else {}
     evaluate = evaluate and study.eval.enabled
     by_size: dict[str, list[Cell]] = {}
+    evaluations: list = []  # local evaluation jobs still running
     for cell in cells:
         reason = _already(cell, launches)
         if reason is None:
@@ -285,7 +300,7 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
                              mem=study.resources.mem, signal_s=spec.signal_s)
         if kind == "local":
             for cell in group:
-                _run_local(study, cell, train_ex, evaluate, launches, log)
+                evaluations += _run_local(study, cell, train_ex, evaluate, launches, log)
             continue
         with train_ex.batch():
             jobs = [train_ex.submit(train_job(cell)) for cell in group]
@@ -297,13 +312,19 @@ def submit_grid(study: StudyConfig, cells: list[Cell], kind: str = "slurm",
             launches[cell.name] = entry
             log(f"{cell.name:<24} train job {entry['train_job']}"
                 + (f", eval job {entry['eval_job']} (afterok)" if evaluate else ""))
+    for cell, job in evaluations:
+        job.result()
+        log(f"{cell.name:<24} evaluated (local job {job.job_id})")
     launches_path.write_text(json.dumps(launches, indent=2) + "\n")
     return launches
 
 
-def _run_local(study, cell, train_ex, evaluate, launches, log) -> None:
+def _run_local(study, cell, train_ex, evaluate, launches, log) -> list:
     """Without SLURM: run the cell, start it again in place while :func:`run_folder.
-    requeue_decision` says so (42, or a crash within ``max_failures``), then evaluate."""
+    requeue_decision` says so (42, or a crash within ``max_failures``), then start its
+    evaluation and return ``[(cell, job)]`` without waiting: the caller trains the next cell
+    meanwhile (the evaluation is one process, training leaves CPU to spare) and waits at the
+    end."""
     res, run = study.resources, rf.RunFolder(cell.run_dir)
     restarts = failures = 0
     while True:
@@ -325,8 +346,9 @@ def _run_local(study, cell, train_ex, evaluate, launches, log) -> None:
         restarts += 1
     launches[cell.name] = {"train_job": job.job_id, "executor": "local", "restarts": restarts,
                            "failures": failures, "finished": time.time()}
-    if evaluate:
-        job = _eval_executor(study, "local", cell.size.name).submit(eval_job(cell))
-        job.result()
-        launches[cell.name]["eval_job"] = job.job_id
-        log(f"{cell.name:<24} evaluated (local job {job.job_id})")
+    if not evaluate:
+        return []
+    job = _eval_executor(study, "local", cell.size.name).submit(eval_job(cell))
+    launches[cell.name]["eval_job"] = job.job_id
+    log(f"{cell.name:<24} evaluating (local job {job.job_id})")
+    return [(cell, job)]

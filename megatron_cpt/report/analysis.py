@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_cpt.report.load import CONTROL_PREFIX, GENERAL, Run, Study
+from megatron_cpt.report.load import CONTROL_PREFIX, GENERAL, Run, Study, ppl_metric
 
 # SGER outcome codes (vectorized); names as written in results.json
 OK, NOT_REACHED, BASE_REACHES, GENERAL_NO_IMPROVEMENT, NO_DATA = 0, 1, 2, 3, 4
@@ -120,7 +120,7 @@ def best_checkpoint(run: Run, exam: str) -> Best | None:
     i = int(best_index(val))
     p = run.points[i]
     return Best(p.iteration, p.flops, p.tokens, float(val[i]),
-                _num(run.exam(exam, "test")[i]), _num(run.exam(exam, "test", "answer_ppl")[i]))
+                _num(run.exam(exam, "test")[i]), _num(run.exam(exam, "test", ppl_metric(exam))[i]))
 
 
 def base_scores(runs: list[Run], exam: str) -> dict | None:
@@ -130,7 +130,7 @@ def base_scores(runs: list[Run], exam: str) -> dict | None:
             if p.iteration == 0 and exam in p.exams:
                 return {"val_acc": _num(run.exam(exam, "val")[i]),
                         "test_acc": _num(run.exam(exam, "test")[i]),
-                        "test_answer_ppl": _num(run.exam(exam, "test", "answer_ppl")[i]),
+                        "test_answer_ppl": _num(run.exam(exam, "test", ppl_metric(exam))[i]),
                         "from": run.key}
     return None
 

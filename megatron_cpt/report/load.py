@@ -27,6 +27,13 @@ def score_metric(exam: str) -> str:
     return "acc_norm" if exam.endswith("_cf") else "acc"
 
 
+def ppl_metric(exam: str) -> str:
+    """The answer perplexity the report shows: of the letter for MCF; per token of the answer
+    text for CF (``answer_ppl_tok``, native backend), since the whole text's perplexity grows
+    with its length and is not comparable across questions."""
+    return "answer_ppl_tok" if exam.endswith("_cf") else "answer_ppl"
+
+
 @dataclass
 class Point:
     """One scored checkpoint (iteration 0 = the base model)."""
