@@ -172,6 +172,18 @@ def test_forgetting_and_domain_loss_at_equal_compute(report):
         "all_cells_lower_everywhere": True}
 
 
+def test_findings_state_forgetting_in_words(report):
+    """The report opens with the findings; forgetting is one sentence there, from the same
+    equal-compute numbers as above (1b: 2.2 - 1.75 = +0.45 at 3e15; 4b: 1.9 - 1.6 = +0.30 at
+    4e15; the general exam only in 1b: -0.05)."""
+    _, out, _ = report
+    md = (out / "report.md").read_text()
+    assert md.index("## Findings") < md.index("## Plots")
+    findings = md[md.index("## Findings"):md.index("## Plots")]
+    assert ("general validation loss +0.300 to +0.450, higher in 2 of 2 cells; general exam "
+            "test accuracy -0.050 to -0.050.") in findings, findings
+
+
 def test_fit_two_sizes_and_bootstrap_ci(report):
     _, _, r = report
     f = r["fits"]["legal"]["sger"]
@@ -297,3 +309,30 @@ def test_sizes_order_by_parameters_else_by_name():
     names = ["14b", "tiny-a", "1.5b", "500m", "7b"]
     assert sorted(names, key=lambda s: size_key(s, None)) == ["500m", "1.5b", "7b", "14b", "tiny-a"]
     assert size_key("tiny-a", 6e5) < size_key("tiny-b", 9e5) < size_key("1.5b", None)
+
+
+def test_readme_blocks_written_from_results(report, tmp_path):
+    """The README's demo picture and table come from one run's results.json, by a script:
+    the blocks between the markers are replaced, the text around them kept, the plot copied."""
+    import shutil
+
+    from megatron_cpt.report.readme import main as readme_main
+
+    _, out, results = report
+    demo = tmp_path / "demo_out"
+    (demo / "study").mkdir(parents=True)
+    shutil.copytree(out, demo / "study" / "report")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo:picture -->\nold\n<!-- /demo:picture -->\nmiddle\n"
+                      "<!-- demo:table -->\nold\n<!-- /demo:table -->\nend\n")
+    size = list(results["sizes"])[-1]  # the largest size's score plot becomes the picture
+    assert (demo / "study" / "report" / f"score_vs_compute_{size}.png").is_file()
+    assert readme_main([str(demo), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
+    assert "old" not in text
+    assert "| 1b | legal |" in text  # the summary table's row for the synthetic 1b/legal cell
+    assert (tmp_path / "docs" / "img" / "demo_exam.png").is_file()
+    readme.write_text("no markers\n")
+    with pytest.raises(Exception, match="demo:picture"):
+        readme_main([str(demo), "--readme", str(readme)])

@@ -81,7 +81,8 @@ def score_vs_compute(study: Study, size: str, out: Path) -> Path | None:
                 y = r.exam(e, "test")
                 if np.isfinite(y).any():
                     ax.plot(r.flops, y, ":", color=STYLE[k][0], alpha=0.6, label=f"{k} (test)")
-            ax.set(title=f"{size}: {d} exam, {label}", xlabel="FLOPs",
+            # the whole [0, 1] range: a one-question wobble must not look like an effect
+            ax.set(title=f"{size}: {d} exam, {label}", xlabel="FLOPs", ylim=(0.0, 1.0),
                    ylabel="accuracy" + (" (per-char norm.)" if suffix else ""))
             _legend(ax)
     return _save(fig, out / f"score_vs_compute_{size}.png")
@@ -135,7 +136,7 @@ def forgetting(study: Study, size: str, out: Path) -> Path | None:
         drawn |= _curve(axes[0][j], runs, lambda r: r.valid(GENERAL))
         drawn |= _curve(axes[1][j], runs, lambda r: r.exam(GENERAL, "test"))
         axes[0][j].set(title=f"{size}: {d} vs general", ylabel="general valid loss")
-        axes[1][j].set(xlabel="FLOPs", ylabel="general exam test acc")
+        axes[1][j].set(xlabel="FLOPs", ylabel="general exam test acc", ylim=(0.0, 1.0))
         _legend(axes[0][j])
     if not drawn:
         plt.close(fig)

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     size = list(results["sizes"])[-1]
     image = args.readme.parent / IMAGE
+    image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(report / f"score_vs_compute_{size}.png", image)
     text = args.readme.read_text()
     text = replace_block(text, "picture", picture_block(results, IMAGE))

@@ -143,6 +143,7 @@ def findings(r: dict) -> list[str]:
     out += ["", f"Domain validation loss: the specialized run is lower than the general run at "
             f"every common compute point in {d['specialized_lower_everywhere']} of "
             f"{d['cells_compared']} cells."]
+    out += _forgetting_finding(cells)
     for dom, fits in r["fits"].items():
         f = fits.get("sger") or {}
         if "b" in f:
@@ -153,9 +154,46 @@ def findings(r: dict) -> list[str]:
     gaps = [m for m in r["missing"]] + [f"{c['size']}/{c['domain']}: MCF at chance on the base "
                                         "model" for c in cells
                                         if "at chance" in (_dig(c, "formulation", "reason") or "")]
+    gaps += _unmoved_formats(cells)
     if gaps:
         out += ["", "Not measured: " + "; ".join(gaps) + "."]
     return out + [""]
+
+
+def _forgetting_finding(cells: list[dict]) -> list[str]:
+    """Forgetting in one sentence: specialized minus general at the largest common compute."""
+    loss = [f["general_valid_loss"]["delta_at_max_common_flops"] for c in cells
+            if (f := c.get("forgetting_at_equal_compute"))
+            and f.get("general_valid_loss", {}).get("delta_at_max_common_flops") is not None]
+    acc = [f["general_exam_test_acc"]["delta_at_max_common_flops"] for c in cells
+           if (f := c.get("forgetting_at_equal_compute"))
+           and (f.get("general_exam_test_acc") or {}).get("delta_at_max_common_flops") is not None]
+    if not loss:
+        return []
+    line = (f"Forgetting (specialized − general at the largest common compute): general "
+            f"validation loss {min(loss):+.3f} to {max(loss):+.3f}, higher in "
+            f"{sum(x > 0 for x in loss)} of {len(loss)} cells")
+    if acc:
+        line += f"; general exam test accuracy {min(acc):+.3f} to {max(acc):+.3f}"
+    return [line + "."]
+
+
+def _unmoved_formats(cells: list[dict]) -> list[str]:
+    """Non-primary formats on which no run moved: say so, rather than show a row of flags."""
+    out = []
+    for form in ("mcf", "cf"):
+        rows = [c for c in cells if _dig(c, "formulation", "primary") != form
+                and _dig(c, "formulations", form, "sger", "flag") == "general_no_improvement"
+                and _dig(c, "formulations", form, "best", "specialized", "val_acc") is not None
+                and _dig(c, "formulations", form, "best", "specialized", "val_acc")
+                <= (_dig(c, "formulations", form, "base", "val_acc") or 0) + 1e-9]
+        if rows:
+            out.append(f"{form.upper()} in {len(rows)} cell(s) "
+                       f"({', '.join(c['size'] + '/' + c['domain'] for c in rows)}): neither the "
+                       "specialized nor the general run beat the base model on val, so that "
+                       "format has no SGER there (too small a model for it; the primary format "
+                       "carries the comparison)")
+    return out
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
