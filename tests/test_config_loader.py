@@ -105,3 +105,20 @@ def test_cli_refuses_negative_workers_before_any_work(tmp_path, capsys):
     assert main(["prep", "filter", "--config", str(path), "--workers", "-5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "workers=-5" in err, err
+
+
+def test_each_cell_is_scored_on_the_exams_its_report_reads(tmp_path):
+    """The general run on every exam (each domain's SGER refers to it); a domain or control
+    run on its own domain's exam and the general exam (forgetting), never another domain's."""
+    from megatron_cpt.launch.grid import eval_job
+    from megatron_cpt.launch.study import StudyConfig
+
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY)
+    study = StudyConfig.load(path, use_env=False)
+    exams = {c.name: sorted(Path(e).stem for e in eval_job(c).exams)
+             for c in study.cells(sizes=["tiny-a"])}
+    assert exams == {"tiny-a/general": ["general", "legal", "medical"],
+                     "tiny-a/legal": ["general", "legal"],
+                     "tiny-a/medical": ["general", "medical"],
+                     "tiny-a/control_legal": ["general", "legal"]}
