@@ -216,6 +216,54 @@ def _fit_line(name: str, f: dict) -> str:
     return f"- {name}: y = a·N^b with a = {_e(f['a'])}{ci_a}, b = {_e(f['b'])}{ci_b}{extra}"
 
 
+def _cell_section(key: str, c: dict) -> list[str]:
+    """One cell's details: best checkpoints per run, SGERs with their targets, equal-compute
+    deltas."""
+    out = [f"### {key}", ""]
+    if c["missing"]:
+        out += [f"Missing runs: {', '.join(c['missing'])}.", ""]
+    rows = []
+    for k, b in (c.get("best") or {}).items():
+        if b:
+            ctb = _dig(c, "bootstrap", "compute_to_best", k, "ci")
+            rows.append([k, str(b["iteration"]), _e(b["flops"]) + _ci(ctb), _e(b["tokens"]),
+                         _acc(b["val_acc"]), _acc(b["test_acc"]), _e(b["test_answer_ppl"])])
+    if rows:
+        out += [md_table(["run", "best iteration (val)", "FLOPs [95% CI]", "tokens",
+                          "val acc", "test acc", "test answer ppl"], rows), ""]
+    for name in ("sger", "sger_control"):
+        s = c.get(name)
+        if s:
+            ci = _dig(c, "bootstrap", name, "ci")
+            out.append(f"- {name}: {_sger_cell(s, ci)}; target val acc "
+                       f"{_acc(s['target_val_acc'])} reached by the reference at "
+                       f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
+                       f"{_e(s['specialized_flops'])} FLOPs"
+                       + (f". {s['note']}" if s.get("note") else ""))
+    for name in ("sger_domain_loss", "sger_domain_loss_control"):
+        s = c.get(name)
+        if s:
+            out.append(f"- {name}: {_sger_cell(s, None)}; target {c['domain']} valid loss "
+                       f"{_e(s['target_valid_loss'], '{:.4f}')} reached by the reference at "
+                       f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
+                       f"{_e(s['specialized_flops'])} FLOPs")
+    f = c.get("forgetting_at_equal_compute")
+    if f:
+        gl, ga = f["general_valid_loss"], f["general_exam_test_acc"]
+        out.append(f"- forgetting: general valid loss Δ mean {_e(gl['mean_delta'], '{:+.4f}')}"
+                   f" over {len(gl['flops'])} common compute points; general exam test acc "
+                   f"Δ mean {_e(ga['mean_delta'], '{:+.4f}')}")
+    dl = c.get("domain_valid_loss_at_equal_compute")
+    if dl:
+        out.append(f"- domain valid loss Δ (spec. − general) mean {_e(dl['mean_delta'], '{:+.4f}')}"
+                   f", lower at every common point: {dl['specialized_lower_everywhere']}")
+    dc = c.get("domain_valid_loss_vs_control")
+    if dc:
+        out.append(f"- domain valid loss Δ (spec. − control) mean {_e(dc['mean_delta'], '{:+.4f}')}"
+                   f", lower at every common point: {dc['specialized_lower_everywhere']}")
+    return out + [""]
+
+
 def to_markdown(results: dict) -> str:
     r = results
     out = [f"# Study report: {r['study']}", "",
@@ -251,49 +299,7 @@ def to_markdown(results: dict) -> str:
         out += [_fit_line(k, v) for k, v in fits.items() if k != "formulations"] + [""]
     out += ["## Cells", ""]
     for key, c in r["cells"].items():
-        out += [f"### {key}", ""]
-        if c["missing"]:
-            out += [f"Missing runs: {', '.join(c['missing'])}.", ""]
-        rows = []
-        for k, b in (c.get("best") or {}).items():
-            if b:
-                ctb = _dig(c, "bootstrap", "compute_to_best", k, "ci")
-                rows.append([k, str(b["iteration"]), _e(b["flops"]) + _ci(ctb), _e(b["tokens"]),
-                             _acc(b["val_acc"]), _acc(b["test_acc"]), _e(b["test_answer_ppl"])])
-        if rows:
-            out += [md_table(["run", "best iteration (val)", "FLOPs [95% CI]", "tokens",
-                              "val acc", "test acc", "test answer ppl"], rows), ""]
-        for name in ("sger", "sger_control"):
-            s = c.get(name)
-            if s:
-                ci = _dig(c, "bootstrap", name, "ci")
-                out.append(f"- {name}: {_sger_cell(s, ci)}; target val acc "
-                           f"{_acc(s['target_val_acc'])} reached by the reference at "
-                           f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
-                           f"{_e(s['specialized_flops'])} FLOPs"
-                           + (f". {s['note']}" if s.get("note") else ""))
-        for name in ("sger_domain_loss", "sger_domain_loss_control"):
-            s = c.get(name)
-            if s:
-                out.append(f"- {name}: {_sger_cell(s, None)}; target {c['domain']} valid loss "
-                           f"{_e(s['target_valid_loss'], '{:.4f}')} reached by the reference at "
-                           f"{_e(s['reference_flops'])} FLOPs, by the specialized run at "
-                           f"{_e(s['specialized_flops'])} FLOPs")
-        f = c.get("forgetting_at_equal_compute")
-        if f:
-            gl, ga = f["general_valid_loss"], f["general_exam_test_acc"]
-            out.append(f"- forgetting: general valid loss Δ mean {_e(gl['mean_delta'], '{:+.4f}')}"
-                       f" over {len(gl['flops'])} common compute points; general exam test acc "
-                       f"Δ mean {_e(ga['mean_delta'], '{:+.4f}')}")
-        dl = c.get("domain_valid_loss_at_equal_compute")
-        if dl:
-            out.append(f"- domain valid loss Δ (spec. − general) mean {_e(dl['mean_delta'], '{:+.4f}')}"
-                       f", lower at every common point: {dl['specialized_lower_everywhere']}")
-        dc = c.get("domain_valid_loss_vs_control")
-        if dc:
-            out.append(f"- domain valid loss Δ (spec. − control) mean {_e(dc['mean_delta'], '{:+.4f}')}"
-                       f", lower at every common point: {dc['specialized_lower_everywhere']}")
-        out.append("")
+        out += _cell_section(key, c)
     if r["notes"]:
         out += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(out) + "\n"
