@@ -288,6 +288,21 @@ def build_gpt_model(model: ModelConfig, opts: BuildOptions):
         rotary_percent=1.0,
         rotary_base=int(model.rotary_base),
     )
+    cast_to_training_dtype(gpt, opts.params_dtype)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def cast_to_training_dtype(gpt, dtype: torch.dtype) -> None:
+    """Put every parameter in ``dtype``, as Megatron-LM's ``Float16Module`` does.
+
+    megatron-core 0.16.1's local spec builds RMSNorm as ``WrappedTorchNorm``, which creates its
+    weight without a dtype (fp32) beside ``params_dtype=bf16`` linears. A mixed-dtype model makes
+    DDP keep one buffer per dtype, and the optimizers then list their fp32 main parameters in an
+    order that differs from the model's: checkpoint state is paired with the wrong parameters
+    (an assertion where sizes differ, silent where they coincide). The fp32 master weights
+    stay with the optimizer (``OptimizerConfig.bf16``), as in Megatron-LM."""
+    stragglers = [p for p in gpt.parameters() if p.dtype != dtype]
+    if stragglers:
+        gpt.to(dtype=dtype)
