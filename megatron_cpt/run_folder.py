@@ -315,6 +315,16 @@ class RunFolder:
             "iterations": old.get("iterations"), "reason": EXIT_CODES[UsageError.exit_code].reason,
             "message": message})
 
+    def write_crashed(self, code: int, message: str) -> None:
+        """A launch that ended by an exception after it started: the code it exits with (1, or
+        2 for a refusal found mid-launch) and the exception's one line, so that no launcher
+        or ``launch status`` reads "running" from a dead run."""
+        old = self.exit_status() or {}
+        entry = EXIT_CODES.get(code)
+        write_json_atomic(self.exit_status_path, {
+            "code": code, "iteration": old.get("iteration"), "iterations": old.get("iterations"),
+            "reason": entry.reason if entry else "crash", "message": message})
+
     def exit_status(self) -> dict | None:
         return _read_json(self.exit_status_path)
 

@@ -54,10 +54,13 @@ def test_demo_grid_on_slurm_shows_the_effect(demo):
         arrays = {launches[f"{size}/{c}"]["train_job"].split("_")[0] for c in corpora}
         assert len(arrays) == 1, launches
     for entry in launches.values():
-        job = _job(entry["eval_job"])
-        assert job.get("JobState") == "COMPLETED", job
-        assert f"afterok:{entry['train_job']}" in job.get("Dependency", "") or \
-            job.get("Dependency") == "(null)", job  # SLURM clears a satisfied dependency
+        job, train = _job(entry["eval_job"]), _job(entry["train_job"])
+        assert job.get("JobState") == "COMPLETED" and train.get("JobState") == "COMPLETED", \
+            (job, train)
+        # SLURM clears a satisfied dependency ("(null)"), so check what afterok guarantees:
+        # the evaluation, submitted with its training, started only after training ended OK
+        assert job["StartTime"] >= train["EndTime"], (job, train)  # ISO 8601 strings
+        assert job["SubmitTime"] <= train["EndTime"], (job, train)  # it was held, not late
 
     # launch status: every cell done and evaluated
     status = subprocess.run(

@@ -42,7 +42,8 @@ def test_parameters_and_optimizer_state_equal_the_built_model(measured):
         where = f"{r['model']} {r['dtype']} TP{r['tp']} PP{r['pp']} rank {r}"
         assert r["params"] == n, where
         a = memory.DTYPE_BYTES[r["dtype"]]
-        fp32 = r["fp32_params"] if a == 2 else 0  # CPU torch-norm weights stay fp32 (TE: bf16)
+        fp32 = r["fp32_params"] if a == 2 else 0
+        assert fp32 == 0, where  # every parameter in the training dtype (models/qwen2.py)
         assert r["param_bytes"] == weights + fp32 * 2, where
         assert r["grad_bytes"] == grads, where
         padding = r["grad_buffer_elems"] - r["params"]

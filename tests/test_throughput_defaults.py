@@ -80,34 +80,85 @@ def test_sbatch_exports_it_for_tp_cells_only():
 # -- fusions ---------------------------------------------------------------------------------
 
 GPU_TE = fusions.KernelProbe(cuda=True, te=True, te_why="transformer_engine.pytorch imports",
-                             apex_wgrad=False)
-GPU_TE_APEX = fusions.KernelProbe(cuda=True, te=True, te_why="ok", apex_wgrad=True)
+                             apex_wgrad=False, triton=True)
+GPU_TE_APEX = fusions.KernelProbe(cuda=True, te=True, te_why="ok", apex_wgrad=True, triton=True)
+# the first GPU run's machine: CUDA, Triton (ships with torch), no TE, no APEX, no compiled
+# Megatron-LM kernels
 GPU_NO_TE = fusions.KernelProbe(cuda=True, te=False, te_why="transformer_engine is not installed",
-                                apex_wgrad=False)
+                                apex_wgrad=False, triton=True, megatron_softmax=False)
 CPU = fusions.KernelProbe(cuda=False, te=False, te_why="no CUDA device", apex_wgrad=False)
+NEVER_ON = {"persist_layer_norm": False, "memory_efficient_layer_norm": False}
 
 
-def _fields(probe, dtype="bfloat16", **model):
+def _fields(probe, dtype="bfloat16", backend="sdpa", **model):
     section = TrainConfig.from_dict({"model": model}).model
-    return fusions.transformer_config_fields(fusions.resolve(section, dtype, probe))
+    return fusions.transformer_config_fields(fusions.resolve(section, dtype, probe, backend))
 
 
 def test_transformer_config_fields_for_te_present_and_absent():
-    assert _fields(GPU_TE) == {"gradient_accumulation_fusion": False, "apply_rope_fusion": True,
-                               "cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "te"}
-    assert _fields(GPU_TE_APEX)["gradient_accumulation_fusion"] is True
+    jit = {"bias_activation_fusion": True, "bias_dropout_fusion": True}
+    assert _fields(GPU_TE, backend="te") == {
+        "gradient_accumulation_fusion": False, "apply_rope_fusion": True,
+        "cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "te",
+        "masked_softmax_fusion": False, **jit, **NEVER_ON}
+    assert _fields(GPU_TE_APEX, backend="te")["gradient_accumulation_fusion"] is True
     assert _fields(GPU_NO_TE) == {"gradient_accumulation_fusion": False, "apply_rope_fusion": False,
                                   "cross_entropy_loss_fusion": True,
-                                  "cross_entropy_fusion_impl": "native"}
+                                  "cross_entropy_fusion_impl": "native",
+                                  "masked_softmax_fusion": False, **jit, **NEVER_ON}
+    off = {"bias_activation_fusion": False, "bias_dropout_fusion": False,
+           "masked_softmax_fusion": False, **NEVER_ON}
     assert _fields(CPU, "float32") == {"gradient_accumulation_fusion": False,
-                                       "apply_rope_fusion": False, "cross_entropy_loss_fusion": False}
+                                       "apply_rope_fusion": False, "cross_entropy_loss_fusion": False,
+                                       **off}
     # each can be switched off
-    assert _fields(GPU_TE_APEX, rope_fusion=False, gradient_accumulation_fusion=False,
-                   cross_entropy_fusion="off") == {"gradient_accumulation_fusion": False,
-                                                   "apply_rope_fusion": False,
-                                                   "cross_entropy_loss_fusion": False}
+    assert _fields(GPU_TE_APEX, backend="te", rope_fusion=False, gradient_accumulation_fusion=False,
+                   cross_entropy_fusion="off", bias_activation_fusion=False,
+                   bias_dropout_fusion=False) == {"gradient_accumulation_fusion": False,
+                                                  "apply_rope_fusion": False,
+                                                  "cross_entropy_loss_fusion": False, **off}
     why = fusions.resolve(TrainConfig().model, "bfloat16", GPU_TE)["gradient_accumulation_fusion"].why
     assert "fused_weight_gradient_mlp_cuda" in why
+
+
+def test_gpu_only_flags_follow_the_spec_and_the_kernels_not_cuda():
+    """What failed on the first GPU run: flags set from "CUDA is present"."""
+    # Megatron's masked softmax: only its local attention uses it, and only with the compiled kernels
+    assert _fields(GPU_NO_TE, backend="local")["masked_softmax_fusion"] is False
+    with_kernels = fusions.KernelProbe(cuda=True, te=False, te_why="", apex_wgrad=False,
+                                       triton=True, megatron_softmax=True)
+    assert _fields(with_kernels, backend="local")["masked_softmax_fusion"] is True
+    assert _fields(with_kernels, backend="sdpa")["masked_softmax_fusion"] is False
+    # TE present but a non-TE attention backend: the local spec, so no persistent norm either
+    assert _fields(GPU_TE, backend="sdpa")["persist_layer_norm"] is False
+    assert _fields(GPU_TE, backend="sdpa")["apply_rope_fusion"] is True  # TE's RoPE needs only TE
+    # torch.compile fusions need Triton on CUDA
+    no_triton = fusions.KernelProbe(cuda=True, te=False, te_why="", apex_wgrad=False, triton=False)
+    assert _fields(no_triton)["bias_activation_fusion"] is False
+    why = fusions.resolve(fusions.AUTO, "bfloat16", GPU_NO_TE, "local")["masked_softmax_fusion"].why
+    assert "scaled_masked_softmax_cuda" in why
+
+
+def test_the_gpu_configuration_builds_on_cpu(tmp_path):
+    """The model built with the exact TransformerConfig "CUDA without TE/APEX" gets: it must
+    construct (persist_layer_norm=on_gpu asserted here on the GPU) with every parameter bf16."""
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps(GPU_NO_TE.__dict__))
+    proc = subprocess.run([sys.executable, str(HELPERS / "build_for_probe.py"), str(probe)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert built["fields"] == _fields(GPU_NO_TE) and built["persist"] is False
+    assert built["dtypes"] == ["torch.bfloat16"]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_fields_reach_megatron_transformer_config():
@@ -121,12 +172,17 @@ def test_fields_reach_megatron_transformer_config():
 
 @pytest.mark.parametrize("probe,model,msg", [
     (GPU_NO_TE, {"rope_fusion": True}, "model.rope_fusion=true but needs Transformer Engine"),
+    (GPU_NO_TE, {"masked_softmax_fusion": True, "attention_backend": "local"},
+     "model.masked_softmax_fusion=true but Megatron-LM's compiled scaled_masked_softmax_cuda"),
+    (GPU_NO_TE, {"masked_softmax_fusion": True}, "attention_backend=sdpa does not use"),
+    (CPU, {"bias_activation_fusion": True}, "model.bias_activation_fusion=true but CPU"),
     (GPU_TE, {"gradient_accumulation_fusion": True}, "fused_weight_gradient_mlp_cuda is missing"),
     (CPU, {"cross_entropy_fusion": "te"}, "model.cross_entropy_fusion=te needs Transformer Engine"),
 ])
 def test_a_fusion_asked_for_but_missing_is_refused(probe, model, msg):
     with pytest.raises(UsageError, match=msg.replace("(", r"\(")):
-        fusions.resolve(TrainConfig.from_dict({"model": model}).model, "bfloat16", probe)
+        section = TrainConfig.from_dict({"model": model}).model
+        fusions.resolve(section, "bfloat16", probe, section.attention_backend or "sdpa")
 
 
 def test_refusal_is_one_line_exit_2_from_the_cli(toy, tmp_path):
@@ -210,7 +266,9 @@ def test_startup_record_for_the_tiny_cpu_config(toy, tmp_path):
                                  "why": "no CUDA device; local spec with torch SDPA"}
     assert rec["attention_backend"]["value"] == "sdpa"
     assert {k: v["on"] for k, v in rec["fusions"].items()} == {
-        "gradient_accumulation_fusion": False, "rope_fusion": False, "cross_entropy_fusion": False}
+        "gradient_accumulation_fusion": False, "rope_fusion": False, "cross_entropy_fusion": False,
+        "bias_activation_fusion": False, "bias_dropout_fusion": False,
+        "masked_softmax_fusion": False, "persist_layer_norm": False}
     assert rec["fp8"]["on"] is False and rec["sequence_parallel"]["on"] is False
     assert rec["distributed_optimizer"]["on"] is True
     assert rec["cuda_device_max_connections"]["source"] in ("unset", "environment")

@@ -506,3 +506,21 @@ def test_resume_at_another_dp_is_planned_and_another_tp_refused(single, tmp_path
     with pytest.raises(UsageError, match="was written by 1 ranks before layouts were recorded, "
                                          "this launch has 2"):
         checkpointing.plan_resume(old, 2)
+
+
+def test_a_launch_that_raises_records_its_verdict(toy, single, tmp_path):
+    """A launch ended by an exception (here: its checkpoint's bytes corrupted on disk, caught by
+    torch's loader while resuming) leaves exit_status.json with a non-zero code and the
+    exception's one line, never "running" (issue 24, item 5)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(single, run_dir)
+    shard = sorted((run_dir / "checkpoints" / "iter_0000030" / "weights").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[1000:1200] = bytes(200)  # same size: only reading it finds the damage
+    shard.write_bytes(bytes(data))
+    proc = launch(toy, 1, run_dir)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    status = exit_status(run_dir)
+    assert status["code"] in (1, 2) and status["code"] == proc.returncode, (status, proc.returncode)
+    assert status["reason"] != "running" and status["message"].strip(), status
+    assert "\n" not in status["message"]

@@ -187,14 +187,27 @@ class BuildOptions:
     sequence_parallel: bool = False
     init_weights: bool = True  # False when a checkpoint will overwrite every weight
     init_method_std: float = 0.02
+    # models/fusions.py: what the config asks for (TrainConfig.model or a FusionRequest; None:
+    # all auto) and what this machine offers (None: detected); tests inject a GPU's answer
+    fusion_request: Any = None
+    kernel_probe: Any = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransformerConfig extras
+
+
+def fusion_fields(opts: BuildOptions) -> dict[str, Any]:
+    """The ``TransformerConfig`` fusion fields for ``opts`` (models/fusions.py decides)."""
+    from megatron_cpt.models import fusions
+
+    dtype = "bfloat16" if opts.params_dtype == torch.bfloat16 else "float32"
+    resolved = fusions.resolve(opts.fusion_request or fusions.AUTO, dtype, opts.kernel_probe,
+                               resolve_attention_backend(opts))
+    return fusions.transformer_config_fields(resolved)
 
 
 def transformer_config(model: ModelConfig, opts: BuildOptions):
     """Megatron ``TransformerConfig`` for ``model`` under ``opts``."""
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = torch.cuda.is_available()
     half = opts.params_dtype in (torch.bfloat16, torch.float16)
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -220,15 +233,9 @@ def transformer_config(model: ModelConfig, opts: BuildOptions):
         bf16=opts.params_dtype == torch.bfloat16,
         fp16=opts.params_dtype == torch.float16,
         autocast_dtype=opts.params_dtype if half else None,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=opts.init_weights,
-        # fused kernels are CUDA-only
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
-        # off unless models/fusions.py resolved them on (passed through opts.extra)
-        **{"apply_rope_fusion": False, "gradient_accumulation_fusion": False, **opts.extra},
+        **{**fusion_fields(opts), **opts.extra},
     )
 
 

@@ -19,6 +19,10 @@ from megatron_cpt.config_loader import YamlDoc, build, read_yaml
 from megatron_cpt.errors import UsageError
 
 
+FUSION_KEYS = ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion",
+               "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion")
+
+
 @dataclass
 class ModelSection:
     pretrained: str = ""          # converted checkpoint folder (store format) loaded on the first launch
@@ -28,6 +32,10 @@ class ModelSection:
     gradient_accumulation_fusion: bool | None = None  # needs CUDA + APEX fused_weight_gradient_mlp_cuda
     rope_fusion: bool | None = None                   # needs Transformer Engine
     cross_entropy_fusion: str | None = None  # null (te with TE, native; bf16 runs only) | native | te | off
+    bias_activation_fusion: bool | None = None  # SwiGLU via torch.compile: needs CUDA + Triton
+    bias_dropout_fusion: bool | None = None     # bias-dropout-add via torch.compile: CUDA + Triton
+    masked_softmax_fusion: bool | None = None   # attention_backend=local only: Megatron-LM's
+                                                # compiled scaled_masked_softmax_cuda
 
 
 @dataclass
@@ -231,7 +239,7 @@ class TrainConfig:
         d["train"].pop("hang_timeout_min")
         d["train"].pop("collective_timeout_min")
         d["train"].pop("gc_interval")
-        for key in ("gradient_accumulation_fusion", "rope_fusion", "cross_entropy_fusion"):
+        for key in FUSION_KEYS:
             if d["model"][key] is None:  # auto: keeps the hash of configs written before the key
                 d["model"].pop(key)
         d["data"].pop("cache_dir")

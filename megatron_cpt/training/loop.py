@@ -39,36 +39,6 @@ from megatron_cpt.training.watchdog import Watchdog
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _fp8_extra(cfg: TrainConfig, num_layers: int) -> dict:
-    p = cfg.precision
-    if not p.fp8:
-        return {}
-    extra = {"fp8": p.fp8, "fp8_recipe": p.fp8_recipe}
-    if p.fp8_bf16_first_layers or p.fp8_bf16_last_layers:
-        extra.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=p.fp8_bf16_first_layers,
-                     num_layers_at_end_in_bf16=p.fp8_bf16_last_layers)
-    return extra
-
-
-def _fusion_extra(cfg: TrainConfig, dtype: torch.dtype) -> dict:
-    """TransformerConfig fields for the fused kernels this machine offers (``model.*_fusion``)."""
-    from megatron_cpt.models import fusions
-
-    resolved = fusions.resolve(cfg.model, "bfloat16" if dtype == torch.bfloat16 else "float32")
-    return fusions.transformer_config_fields(resolved)
-
-
-def _memory_extra(cfg: TrainConfig) -> dict:
-    """TransformerConfig fields for activation recomputation (``memory`` section)."""
-    m = cfg.memory
-    if m.recompute == "selective":
-        return {"recompute_granularity": "selective"}
-    if m.recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": m.recompute_method,
-                "recompute_num_layers": m.recompute_num_layers}
-    return {}
-
-
 def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterations: int,
                          device, load_weights=None):
     """GPTModel (+ optional weight loading) wrapped in Megatron DDP, the Megatron optimizer and
@@ -77,19 +47,10 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_cpt.models.qwen2 import BuildOptions, build_gpt_model
+    from megatron_cpt.models.qwen2 import build_gpt_model
+    from megatron_cpt.training.model_options import build_options
 
-    opts = BuildOptions(tp=cfg.parallel.tp, pp=cfg.parallel.pp, params_dtype=dtype,
-                        use_te=None if device.type == "cuda" else False,
-                        sequence_parallel=cfg.parallel.sequence_parallel,
-                        attention_backend=cfg.model.attention_backend,
-                        # init_weights must stay True even though the checkpoint overwrites every
-                        # weight: Megatron-core (0.16.1, tensor_parallel/layers.py) only marks
-                        # weights as tensor-parallel inside its init functions; without the marks
-                        # the grad norm (and clipping) ignores TP rank > 0 shards.
-                        init_weights=True,
-                        extra={**_fp8_extra(cfg, model_cfg.num_layers), **_memory_extra(cfg),
-                               **_fusion_extra(cfg, dtype)})
+    opts = build_options(cfg, model_cfg, dtype, device.type == "cuda")
     gpt = build_gpt_model(model_cfg, opts)
     if load_weights is not None:
         load_weights(gpt)
@@ -627,10 +588,30 @@ def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None)
     guard, took_over = lease.take(RunFolder(cfg.run_dir))  # one writer per run folder
     try:
         code = _run_launch(plan, startup, took_over)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if not isinstance(exc, SystemExit):
+            _record_crash(RunFolder(cfg.run_dir), exc)
+        raise
     finally:
         guard.release()
     shutdown()
     return code
+
+
+def _record_crash(run: RunFolder, exc: BaseException) -> None:
+    """Rank 0 writes the verdict of a launch that an exception ended (exit 1; 2 for a refusal
+    found mid-launch, e.g. an unreadable checkpoint); other ranks' crashes reach rank 0 as a
+    failed collective or reach the launcher as an exit code."""
+    from megatron_cpt.errors import UsageError
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    code = UsageError.exit_code if isinstance(exc, UsageError) else 1
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    try:
+        run.write_crashed(code, f"{type(exc).__name__}: {first}" if code == 1 else first)
+    except OSError:  # the verdict is best effort; the exception itself must surface
+        pass
 
 
 def _already_complete(plan: RunPlan) -> int:

@@ -94,23 +94,45 @@ def _precision(cfg: TrainConfig, model) -> str:
     from megatron_cpt.models.qwen2 import BuildOptions, resolve_attention_backend, \
         transformer_engine_available
 
-    dtype = resolve_dtype(cfg, torch.cuda.is_available())
-    resolve_attention_backend(BuildOptions(attention_backend=cfg.model.attention_backend))
-    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1 and not transformer_engine_available():
-        raise UsageError("parallel.sequence_parallel needs Transformer Engine (Megatron-core's "
-                         "local RMSNorm does not support it); install the `gpu` extra or set "
-                         "parallel.sequence_parallel=false")
+    cuda = torch.cuda.is_available()
+    dtype = resolve_dtype(cfg, cuda)
+    backend = resolve_attention_backend(BuildOptions(attention_backend=cfg.model.attention_backend,
+                                                     use_te=None if cuda else False))
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1 and backend != "te":
+        raise UsageError(f"parallel.sequence_parallel needs the Transformer Engine layer spec, but "
+                         f"this run uses the local spec (attention_backend={backend}), whose "
+                         "RMSNorm does not support it; set parallel.sequence_parallel=false"
+                         + ("" if transformer_engine_available() else
+                            " or install the `gpu` extra"))
     if cfg.precision.fp8 and not transformer_engine_available():
         raise UsageError(f"precision.fp8={cfg.precision.fp8} needs Transformer Engine, which does "
                          "not import here; install the `gpu` extra or set precision.fp8=null")
-    from megatron_cpt.models import fusions
-
-    fusions.resolve(cfg.model, dtype)  # refuses a fusion asked for whose kernel is missing
     if cfg.precision.fp8 and dtype != "bfloat16":
         raise UsageError("FP8 training needs precision.dtype bfloat16 (or auto on GPU)")
     if cfg.precision.fp8_bf16_first_layers + cfg.precision.fp8_bf16_last_layers > model.num_layers:
         raise UsageError("precision.fp8_bf16_first_layers + fp8_bf16_last_layers exceeds the layers")
+    _check_transformer_config(cfg, model, dtype, cuda)
     return dtype
+
+
+def _check_transformer_config(cfg: TrainConfig, model, dtype: str, cuda: bool) -> None:
+    """Build the very ``TransformerConfig`` the launch will build (no tensors): the fusions
+    are resolved (a fusion asked for whose kernel is missing is refused) and Megatron-core's
+    own validation runs now, not after the job got its GPUs."""
+    import torch
+
+    from megatron_cpt.models.qwen2 import transformer_config
+    from megatron_cpt.training.model_options import build_options
+
+    opts = build_options(cfg, model, torch.bfloat16 if dtype == "bfloat16" else torch.float32, cuda)
+    try:
+        transformer_config(model, opts)
+    except UsageError:
+        raise
+    except (AssertionError, ValueError, TypeError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"Megatron-core refuses this model configuration: {first}; change the "
+                         "model / precision / memory / parallel settings it names") from exc
 
 
 def _schedule(cfg: TrainConfig, model) -> tuple[budget_mod.Budget, set, int]:

@@ -56,7 +56,7 @@ def build(cfg: TrainConfig, dtype: str, probe: fusions_mod.KernelProbe | None = 
     """The record for ``cfg`` in this environment (``probe`` / ``connections`` injectable)."""
     probe = probe or fusions_mod.KernelProbe.detect()
     spec, attention = _layer_spec(cfg, probe)
-    fus = fusions_mod.resolve(cfg.model, dtype, probe)
+    fus = fusions_mod.resolve(cfg.model, dtype, probe, attention["value"])
     pr = cfg.precision
     conn = connections or decide(cfg.parallel.tp, cfg.parallel.sequence_parallel)
     return {
