@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/checkpoint_save.py --model tiny-a --dtype float32
     .venv/bin/python benchmarks/checkpoint_save.py --model qwen2.5-0.5b --dtype float32 --stall
 
-One process (gloo). The trainer's own ``build_training_state`` builds GPTModel + DDP +
-distributed optimizer; ``--steps`` real training steps give the optimizer its state. Then the
+One process (NCCL on a GPU, gloo on CPU), on the device the trainer picks (``compute_device``),
+so the layer spec is the trainer's too (Transformer Engine where it imports on CUDA, the local
+spec on CPU). The trainer's own ``build_training_state`` builds GPTModel + DDP + distributed
+optimizer; ``--steps`` real training steps give the optimizer its state. Then the
 trainer's ``Checkpointer`` writes a resume checkpoint synchronously (timed: that is the loop's
 stall with ``checkpoint.async_save: false``); ``drop_optimizer_state`` turns it into an evaluation
 checkpoint; sizes are the bytes on disk of each kind over the model's parameter count.
@@ -56,6 +58,7 @@ def _state(args):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_cpt.models.qwen2 import ModelConfig
+    from megatron_cpt.runtime import compute_device
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.loop import _forward_step, build_training_state
 
@@ -67,7 +70,7 @@ def _state(args):
         "parallel": {"distributed_optimizer": not args.no_distributed_optimizer},
         "budget": {"iterations": args.steps + 10}})
     gpt, model, optimizer, scheduler = build_training_state(
-        cfg, model_cfg, dtype, args.steps + 10, torch.device("cpu"))
+        cfg, model_cfg, dtype, args.steps + 10, compute_device())
     g = torch.Generator().manual_seed(0)
     seq = args.seq_length
     batch = {"tokens": torch.randint(0, model_cfg.vocab_size, (1, seq), generator=g),

@@ -23,7 +23,7 @@ def main() -> None:
     import torch
 
     from megatron_cpt.models.qwen2 import ModelConfig
-    from megatron_cpt.runtime import init_distributed
+    from megatron_cpt.runtime import compute_device, init_distributed
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.loop import build_training_state
 
@@ -31,7 +31,7 @@ def main() -> None:
                                  "data": {"train": [{"prefix": "/a"}]}, "budget": {"iterations": 10}})
     init_distributed(1, 1, seed=0)
     state = build_training_state(cfg, ModelConfig.load("tiny-a"), torch.float32, 10,  # noqa: F841
-                                 torch.device("cpu"))
+                                 compute_device())
     gc.collect()
     plain, tracked = median_collect_ms(), len(gc.get_objects())
     gc.freeze()

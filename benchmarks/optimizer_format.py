@@ -46,18 +46,18 @@ def _build(args):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_cpt.models.qwen2 import ModelConfig
+    from megatron_cpt.runtime import compute_device
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.loop import _forward_step, build_training_state
 
     model_cfg = ModelConfig.load(args.model)
     if args.layers:
         model_cfg = dataclasses.replace(model_cfg, num_layers=args.layers)
-    dtype_name = "bfloat16" if torch.cuda.is_available() else "float32"
+    device = compute_device()
+    dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     cfg = TrainConfig.from_dict({"run_dir": "/nonexistent", "model": {"pretrained": "-"},
                                  "parallel": {"tp": args.tp, "pp": args.pp},
                                  "precision": {"dtype": dtype_name}, "budget": {"iterations": 1}})
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     gpt, model, optimizer, _ = build_training_state(cfg, model_cfg, dtype, 1, device)
     seq = 32
@@ -73,10 +73,10 @@ def _build(args):
 
 def _save_seconds(gpt, optimizer, fmt: str, out: Path) -> tuple[float, int]:
     """One save (collective): the slowest rank's seconds and the bytes written."""
-    import torch
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from megatron_cpt.runtime import all_reduce_values
     from megatron_cpt.training.checkpointing import _state_dicts
 
     if dist.get_rank() == 0:
@@ -86,10 +86,9 @@ def _save_seconds(gpt, optimizer, fmt: str, out: Path) -> tuple[float, int]:
     t0 = time.perf_counter()
     dist_checkpointing.save(_state_dicts(gpt, optimizer, False, fmt), str(out))
     dist.barrier()
-    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    seconds = all_reduce_values([time.perf_counter() - t0], op=dist.ReduceOp.MAX)[0]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    return t.item(), size
+    return seconds, size
 
 
 def main(argv=None) -> dict:
@@ -128,11 +127,10 @@ def main(argv=None) -> dict:
 def torch_all_reduce_sum(value: int) -> int:
     """Parameters of the whole model: each TP/PP rank holds a part, DP replicas repeat it."""
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item())
+    from megatron_cpt.runtime import all_reduce_values
+
+    return int(all_reduce_values([value], dtype=torch.int64)[0])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import statistics
-import time
 from pathlib import Path
 
 # dense BF16 peak per GPU (TFLOP/s), matched against torch.cuda.get_device_name()
@@ -71,29 +70,29 @@ NO_FUSIONS = {"gradient_accumulation_fusion": False, "rope_fusion": False,
               "cross_entropy_fusion": "off"}
 
 
-def _median_step_seconds(step, warmup: int, steps: int, on_gpu: bool) -> float:
-    """The slowest rank's median step time after ``warmup`` steps (CUDA events on GPU)."""
-    import torch
-    import torch.distributed as dist
+def _median_step_seconds(step, warmup: int, steps: int, device) -> float:
+    """The slowest rank's median step time after ``warmup`` steps, on the clock
+    ``work_timer`` picks for ``device`` (CUDA events on GPU: device time, not launch time)."""
+    from megatron_cpt.runtime.timing import work_timer
 
-    times = []
+    timer, times = work_timer(device), []
     for i in range(warmup + steps):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            step()
-            seconds = time.perf_counter() - t0
+        timer.start()
+        step()
+        timer.stop()
+        seconds = timer.seconds()
         if i >= warmup:
             times.append(seconds)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-    return t.item()
+    return _slowest_rank(statistics.median(times))
+
+
+def _slowest_rank(seconds: float) -> float:
+    """The largest ``seconds`` over all ranks (collective): the slowest rank sets the pace."""
+    import torch.distributed as dist
+
+    from megatron_cpt.runtime import all_reduce_values
+
+    return all_reduce_values([seconds], op=dist.ReduceOp.MAX)[0]
 
 
 def main(argv=None) -> dict | None:
@@ -103,7 +102,7 @@ def main(argv=None) -> dict | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_cpt.models.qwen2 import ModelConfig
-    from megatron_cpt.runtime import init_distributed, shutdown
+    from megatron_cpt.runtime import compute_device, init_distributed, shutdown
     from megatron_cpt.training.budget import flops_per_token
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.loop import _forward_step, build_training_state
@@ -130,7 +129,7 @@ def main(argv=None) -> dict | None:
         "memory": {"recompute": args.recompute},
         "optimizer": {"lr": 1e-5, "min_lr": 1e-6},
         "budget": {"iterations": args.steps + args.warmup}})
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    device = compute_device()
     gpt, model, optimizer, scheduler = build_training_state(
         cfg, model_cfg, dtype, args.steps + args.warmup, device)
     seq, mb = args.seq_length, args.micro_batch_size
@@ -148,7 +147,7 @@ def main(argv=None) -> dict | None:
         optimizer.step()
         scheduler.step(increment=1)
 
-    step_s = _median_step_seconds(step, args.warmup, args.steps, on_gpu)
+    step_s = _median_step_seconds(step, args.warmup, args.steps, device)
     tokens_per_step = gbs * seq
     tok_s_gpu = tokens_per_step / step_s / world
     tflops = flops_per_token(model_cfg, seq) * tok_s_gpu / 1e12

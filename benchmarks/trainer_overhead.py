@@ -35,7 +35,7 @@ def bare(args) -> None:
     from megatron_cpt.training import loop
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.preflight import prepare
-    from megatron_cpt.runtime import init_distributed
+    from megatron_cpt.runtime import compute_device, init_distributed
     from megatron_cpt.training.toy import toy_overrides
 
     toy = json.loads(Path(args.toy_json).read_text())
@@ -43,7 +43,7 @@ def bare(args) -> None:
                            [f"budget.iterations={args.steps}", "data.valid=[]"])
     plan = prepare(cfg, force=True)
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
-    gpt, model, optimizer, scheduler, _ = loop._build(plan, torch.device("cpu"))
+    gpt, model, optimizer, scheduler, _ = loop._build(plan, compute_device())  # as the trainer
     g = torch.Generator().manual_seed(0)
     mb, seq = cfg.batch.micro_batch_size, cfg.data.seq_length
     batches = [{"tokens": torch.randint(0, 512, (mb, seq), generator=g),

@@ -17,6 +17,19 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 
+def span_scores(logprobs: torch.Tensor, spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``i`` of ``logprobs`` ``[batch, seq, vocab]`` and its span ``(first, tokens)``:
+    the continuation's summed log-likelihood and whether every token is the argmax. Computed
+    on ``logprobs``' device (the token ids are put there), read by the caller in one copy."""
+    ll, greedy = [], []
+    for i, (first, cont) in enumerate(spans):
+        lp = logprobs[i, first: first + len(cont)]
+        target = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
+        ll.append(lp.gather(-1, target.unsqueeze(-1)).sum())
+        greedy.append((lp.argmax(-1) == target).all())
+    return torch.stack(ll), torch.stack(greedy)
+
+
 @register_model("megatron_cpt")
 class MegatronCPTLM(TemplateLM):
     """``--model megatron_cpt --model_args ckpt=DIR,tp=1,pp=1,batch_size=16``."""
@@ -95,14 +108,9 @@ class MegatronCPTLM(TemplateLM):
         logits = forward_logits(self.model, tokens, vocab_size=self.model_cfg.vocab_size)
         out: list = [None]
         if logits is not None:
-            logprobs = F.log_softmax(logits.float(), dim=-1)  # as the hf backend
-            out[0] = []
-            for i, (first, cont) in enumerate(spans):
-                lp = logprobs[i, first: first + len(cont)]
-                target = torch.tensor(cont)
-                ll = lp.gather(-1, target.unsqueeze(-1)).sum().item()
-                greedy = bool((lp.argmax(-1) == target).all())
-                out[0].append((ll, greedy))
+            ll, greedy = span_scores(F.log_softmax(logits.float(), dim=-1), spans)  # as hf
+            out[0] = list(zip(ll.tolist(), greedy.tolist()))
+        # objects travel as bytes on the device torch picks for the group's backend
         torch.distributed.broadcast_object_list(
             out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group())

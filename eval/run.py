@@ -67,47 +67,60 @@ def scored_points(run_dir: Path, selection: str = "all") -> list[ScoredPoint]:
     return [p for p in points if p.iteration in wanted]
 
 
+def window_nll(logits, windows):
+    """``[summed next-token loss, tokens]`` of ``windows`` ``[n, seq + 1]`` under ``logits``
+    ``[n, seq, vocab]``, on the logits' device (the targets are moved there)."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = windows[:, 1:].reshape(-1).to(logits.device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    return torch.stack([nll.double(), nll.new_tensor(targets.numel(), dtype=torch.float64)])
+
+
+def _read_windows(prefix: Path, seq_length: int, max_sequences: int):
+    """The first ``max_sequences`` windows of ``seq_length + 1`` tokens of a prefix (documents
+    concatenated, as in training), ``[n, seq_length + 1]`` on the CPU."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    need = max_sequences * (seq_length + 1)
+    pieces, have = [], 0
+    for i in range(len(ds)):
+        pieces.append(np.asarray(ds[i], dtype=np.int64))
+        have += len(pieces[-1])
+        if have >= need:
+            break
+    flat = np.concatenate(pieces)
+    n = min(max_sequences, len(flat) // (seq_length + 1))
+    if n == 0:
+        raise UsageError(f"validation prefix {prefix} has fewer than {seq_length + 1} tokens")
+    return torch.from_numpy(flat[: n * (seq_length + 1)].reshape(n, seq_length + 1))
+
+
 def validation_losses(model, model_cfg, prefixes: dict[str, Path], seq_length: int,
                       max_sequences: int = 16, batch: int = 4) -> dict[str, dict]:
     """Mean next-token loss of the model on the first ``max_sequences`` windows of each
-    validation prefix (documents concatenated, as in training). Collective; result on all ranks."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+    validation prefix. Collective; result on all ranks (the last pipeline stage broadcasts
+    its sums through :func:`broadcast_values`, on the device the group's backend takes)."""
     from megatron.core import parallel_state
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_cpt.models.forward import forward_logits
+    from megatron_cpt.runtime import broadcast_values
 
     out = {}
     for name, prefix in prefixes.items():
-        ds = IndexedDataset(str(prefix))
-        need = max_sequences * (seq_length + 1)
-        pieces, have = [], 0
-        for i in range(len(ds)):
-            pieces.append(np.asarray(ds[i], dtype=np.int64))
-            have += len(pieces[-1])
-            if have >= need:
-                break
-        flat = np.concatenate(pieces)
-        n = min(max_sequences, len(flat) // (seq_length + 1))
-        if n == 0:
-            raise UsageError(f"validation prefix {prefix} has fewer than {seq_length + 1} tokens")
-        windows = torch.from_numpy(flat[: n * (seq_length + 1)].reshape(n, seq_length + 1))
+        windows = _read_windows(prefix, seq_length, max_sequences)
         total, count = 0.0, 0
-        for start in range(0, n, batch):
+        for start in range(0, len(windows), batch):
             chunk = windows[start:start + batch]
             logits = forward_logits(model, chunk[:, :-1], vocab_size=model_cfg.vocab_size)
-            loss = torch.zeros(2, dtype=torch.float64)
-            if logits is not None:
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                      chunk[:, 1:].reshape(-1), reduction="sum")
-                loss[0], loss[1] = nll.item(), chunk[:, 1:].numel()
-            group = parallel_state.get_pipeline_model_parallel_group()
-            dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=group)
-            total, count = total + loss[0].item(), count + int(loss[1].item())
+            sums = window_nll(logits, chunk).tolist() if logits is not None else [0.0, 0.0]
+            sums = broadcast_values(sums, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+            total, count = total + sums[0], count + int(sums[1])
         mean = total / count
         out[name] = {"loss": mean, "ppl": math.exp(mean), "tokens": count}
     return out

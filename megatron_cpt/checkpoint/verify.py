@@ -1,5 +1,8 @@
 """``convert verify``: the same token batch through transformers and through the Megatron
-model at a given TP/PP; compare logits and losses. Run it before spending GPU hours."""
+model at a given TP/PP; compare logits and losses. Run it before spending GPU hours.
+
+The HF reference runs on the CPU (a second copy of the model beside a GPU rank's shard would
+not fit); its logits are moved to the Megatron logits' device before any comparison."""
 from __future__ import annotations
 
 import json
@@ -34,9 +37,28 @@ def fixed_batch(vocab_size: int, batch: int = 2, seq: int = 64, seed: int = 0) -
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
 
 
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, on ``logits``' device (the tokens are moved there)."""
+    targets = tokens[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
+
+
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           tokens[:, 1:].reshape(-1)).item()
+    return next_token_nll(logits, tokens).item()
+
+
+def logit_gaps(logits: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |logits - ref|, that over max |ref|) on ``logits``' device (``ref`` is moved)."""
+    ref = ref.to(logits.device)
+    gap = (logits - ref).abs().max()
+    return gap, gap / ref.abs().max()
+
+
+def agree_ok(ok: bool) -> bool:
+    """Collective: whether any rank (the reporter) found the logits within tolerance."""
+    from megatron_cpt.runtime import all_reduce_values
+
+    return all_reduce_values([float(ok)], op=dist.ReduceOp.MAX)[0] > 0
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,22 +109,16 @@ def compare(hf_dir: Path, ckpt: Path, tp: int, pp: int, dtype: str = "float32",
                 and parallel_state.get_tensor_model_parallel_rank() == 0
                 and parallel_state.get_data_parallel_rank() == 0)
     result = None
-    ok = torch.zeros(1)
     if reporter:
         ref = hf_logits(Path(hf_dir), tokens, torch_dtype)
-        diff = (logits - ref).abs()
+        gap, rel = logit_gaps(logits, ref)
         result = VerifyResult(
-            tp=tp, pp=pp, dtype=dtype,
-            max_abs_diff=diff.max().item(),
-            max_rel_diff=(diff.max() / ref.abs().max()).item(),
+            tp=tp, pp=pp, dtype=dtype, max_abs_diff=gap.item(), max_rel_diff=rel.item(),
             loss_hf=next_token_loss(ref, tokens), loss_mcore=next_token_loss(logits, tokens),
-            tolerance=tolerance, ok=False)
-        result.ok = result.max_rel_diff <= tolerance
-        ok[0] = float(result.ok)
+            tolerance=tolerance, ok=rel.item() <= tolerance)
         if json_out is not None:
             Path(json_out).write_text(json.dumps(asdict(result), indent=2))
-    dist.all_reduce(ok, op=dist.ReduceOp.MAX)
-    return result, bool(ok.item())
+    return result, agree_ok(result is not None and result.ok)
 
 
 def format_table(results: list[VerifyResult]) -> str:

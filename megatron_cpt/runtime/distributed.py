@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cpt.run_folder import master_port
-from megatron_cpt.runtime.device import setup_device
+from megatron_cpt.runtime.device import collective_device, setup_device
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,24 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def all_reduce_values(values: list[float], op=dist.ReduceOp.SUM, group=None,
+                      dtype: torch.dtype = torch.float64) -> list:
+    """``values`` reduced elementwise over ``group`` (collective), as Python numbers. The
+    tensor lives on :func:`collective_device`: a CPU tensor fails under NCCL."""
+    t = torch.tensor(values, dtype=dtype, device=collective_device(group))
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()
+
+
+def broadcast_values(values: list[float], src: int, group=None,
+                     dtype: torch.dtype = torch.float64) -> list:
+    """Global rank ``src``'s ``values`` on every rank of ``group`` (collective; the others pass
+    placeholders of the same length), through a tensor on :func:`collective_device`."""
+    t = torch.tensor(values, dtype=dtype, device=collective_device(group))
+    dist.broadcast(t, src=src, group=group)
+    return t.tolist()
 
 
 def shutdown() -> None:

@@ -5,16 +5,20 @@ the slowest rank), so the time compared is a rank's own work: from the step's st
 enters the gradient reduction (Megatron's ``finalize_model_grads``). Data-parallel ranks do
 that work independently; tensor- and pipeline-parallel peers wait on each other inside it, so
 a slow rank shows up with its whole TP/PP group. Peak memory is the GPU's max allocated bytes,
-or the process's peak RSS on CPU. One all-reduce of ``world_size x 3`` floats per logged step.
+or the process's peak RSS on CPU. One all-reduce of ``world_size x 2`` floats per logged step.
+A rank's work is timed by :func:`megatron_cpt.runtime.timing.work_timer`: CUDA events on a GPU
+(the host clock there would time kernel launches, not the kernels), the host clock on CPU.
 """
 from __future__ import annotations
 
 import resource
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
+
+from megatron_cpt.runtime.device import collective_device
+from megatron_cpt.runtime.timing import work_timer
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -26,22 +30,27 @@ def peak_memory_gb(device: torch.device) -> float:
 class RankHealth:
     def __init__(self, factor: float, intervals: int, device: torch.device):
         self.factor, self.intervals, self.device = factor, intervals, device
-        self.step_start = 0.0
-        self.work_s: float | None = None
+        self.timer = work_timer(device)
         self._slow_streak: dict[int, int] = {}
 
     def work_done(self) -> None:
         """This rank's own work of the step ended (it enters the gradient reduction)."""
-        self.work_s = time.perf_counter() - self.step_start
+        self.timer.stop()
 
     def start_step(self) -> None:
-        self.step_start, self.work_s = time.perf_counter(), None
+        self.timer.start()
+
+    @property
+    def work_s(self) -> float | None:
+        """This rank's work time of the latest step (None until its work is done)."""
+        return self.timer.seconds()
 
     def gather(self, step_s: float) -> tuple[dict, list[tuple[int, str]]]:
         """Collective: the record fields of this step, and straggler events (rank, details)."""
         world, rank = dist.get_world_size(), dist.get_rank()
-        table = torch.zeros(world, 2, dtype=torch.float64, device=self.device)
-        table[rank, 0] = self.work_s if self.work_s is not None else step_s
+        table = torch.zeros(world, 2, dtype=torch.float64, device=collective_device())
+        work_s = self.work_s
+        table[rank, 0] = work_s if work_s is not None else step_s
         table[rank, 1] = peak_memory_gb(self.device)
         dist.all_reduce(table)
         work, mem = table[:, 0].tolist(), table[:, 1].tolist()
