@@ -48,7 +48,7 @@ def accelerator_only_group():
     from torch.testing._internal.distributed.fake_pg import _create_fake_pg
 
     if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+        pytest.fail("a process group is already initialized in this process: a test left it")
     if STAND_IN not in dist.Backend.backend_capability:
         dist.Backend.register_backend(STAND_IN, _create_fake_pg, extended_api=True,
                                       devices=["meta"])
@@ -62,7 +62,7 @@ def accelerator_only_group():
 @pytest.fixture
 def gloo_group():
     if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+        pytest.fail("a process group is already initialized in this process: a test left it")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
@@ -197,17 +197,6 @@ def test_cuda_health_reaches_for_a_cuda_event_not_the_host_clock():
     fail here); timing it with the host clock would measure kernel launches on a GPU."""
     with pytest.raises((RuntimeError, AssertionError)):
         RankHealth(2.0, 3, torch.device("cuda")).start_step()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_timer_measures_the_kernels_not_their_launch():
-    timer = work_timer(torch.device("cuda"))
-    timer.start()
-    t0 = time.perf_counter()
-    torch.cuda._sleep(200_000_000)  # a kernel that spins ~0.1 s; the launch returns at once
-    launch_s = time.perf_counter() - t0
-    timer.stop()
-    assert timer.seconds() > 5 * launch_s
 
 
 def test_health_table_is_on_the_collective_device(accelerator_only_group):

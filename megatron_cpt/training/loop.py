@@ -138,12 +138,6 @@ def _mean_loss(losses: list[dict]) -> float:
 
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
     """Rank 0 records the config, the plan, what is active (the startup record, printed
     once) and the code (noting a resume that runs other code), marks the launch running,
@@ -627,7 +621,9 @@ def _already_complete(plan: RunPlan) -> int:
 
 def _run_launch(plan: RunPlan, startup, took_over: str | None) -> int:
     """Record the run, build the launch, run its steps and write the verdict (collective)."""
-    launch = Launch(plan, record_run(plan, startup), _device())
+    from megatron_cpt.runtime import compute_device
+
+    launch = Launch(plan, record_run(plan, startup), compute_device())
     if took_over:
         launch.metrics.write({"kind": "event", "iteration": launch.iteration, "event": "lease",
                               "details": took_over})

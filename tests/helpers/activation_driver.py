@@ -32,7 +32,7 @@ def main() -> None:
     from megatron_cpt.models.qwen2 import BuildOptions, ModelConfig, build_gpt_model
     from megatron_cpt.runtime import init_distributed, shutdown
     from megatron_cpt.training.config import TrainConfig
-    from megatron_cpt.training.loop import _memory_extra
+    from megatron_cpt.training.model_options import _memory_extra
 
     out, name, seq, micro = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     init_distributed(1, 1)
