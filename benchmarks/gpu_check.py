@@ -219,7 +219,37 @@ def environment(s: Step) -> dict:
                "megatron_core_from": str(Path(megatron.core.__file__).parents[2])}
     if s.plan.device == "cuda" and not numbers["cuda_available"]:
         raise CheckFailed("no CUDA device visible (use --rehearsal on a CPU machine)", **numbers)
+    numbers["fusions"] = _fusions_here()
+    if numbers["cuda_available"]:
+        numbers.update(_event_timer_check())
     return numbers
+
+
+def _fusions_here() -> dict:
+    """The fusion decision on this machine for a bf16 SDPA run (what the trainer records)."""
+    from megatron_cpt.models import fusions
+
+    return {k: f.on for k, f in fusions.resolve(fusions.AUTO, "bfloat16", None, "sdpa").items()}
+
+
+def _event_timer_check() -> dict:
+    """The straggler clock times a step's kernels, not their launch: a ~0.1 s GPU sleep kernel
+    must measure far longer than launching it took (runtime/timing.py: CUDA events)."""
+    import torch
+
+    from megatron_cpt.runtime.timing import work_timer
+
+    timer = work_timer(torch.device("cuda"))
+    timer.start()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(200_000_000)
+    launch_s = time.perf_counter() - t0
+    timer.stop()
+    timed = timer.seconds()
+    if not timed > 5 * launch_s:
+        raise CheckFailed(f"CUDA event timer measured {timed} s for a kernel launched in "
+                          f"{launch_s} s", event_timer_s=timed, launch_s=launch_s)
+    return {"event_timer_s": timed, "launch_s": launch_s}
 
 
 def fp32_device_vs_cpu(s: Step) -> dict:
