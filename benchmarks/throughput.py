@@ -67,7 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 NO_FUSIONS = {"gradient_accumulation_fusion": False, "rope_fusion": False,
-              "cross_entropy_fusion": "off"}
+              "cross_entropy_fusion": "off", "bias_activation_fusion": False,
+              "bias_dropout_fusion": False, "masked_softmax_fusion": False}
+
+
+FUSION_FIELDS = ("gradient_accumulation_fusion", "apply_rope_fusion", "cross_entropy_loss_fusion",
+                 "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+                 "persist_layer_norm")
 
 
 def _median_step_seconds(step, warmup: int, steps: int, device) -> float:
@@ -95,6 +101,21 @@ def _slowest_rank(seconds: float) -> float:
     return all_reduce_values([seconds], op=dist.ReduceOp.MAX)[0]
 
 
+def _train_config(args, dtype_name: str):
+    """The trainer's config for this measurement (no data, no run folder)."""
+    from megatron_cpt.training.config import TrainConfig
+
+    return TrainConfig.from_dict({
+        "run_dir": "/nonexistent", "model": {"pretrained": "-", "attention_backend": args.attention_backend,
+                                                **(NO_FUSIONS if args.no_fusions else {})},
+        "parallel": {"tp": args.tp, "pp": args.pp, "sequence_parallel": args.sequence_parallel,
+                     "overlap_grad_reduce": args.overlap, "overlap_param_gather": args.overlap},
+        "precision": {"dtype": dtype_name, "fp8": args.fp8},
+        "memory": {"recompute": args.recompute},
+        "optimizer": {"lr": 1e-5, "min_lr": 1e-6},
+        "budget": {"iterations": args.steps + args.warmup}})
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     import torch
@@ -104,7 +125,6 @@ def main(argv=None) -> dict | None:
     from megatron_cpt.models.qwen2 import ModelConfig
     from megatron_cpt.runtime import compute_device, init_distributed, shutdown
     from megatron_cpt.training.budget import flops_per_token
-    from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.loop import _forward_step, build_training_state
 
     model_cfg = ModelConfig.load(args.model)
@@ -120,15 +140,7 @@ def main(argv=None) -> dict | None:
     on_gpu = torch.cuda.is_available()
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
-    cfg = TrainConfig.from_dict({
-        "run_dir": "/nonexistent", "model": {"pretrained": "-", "attention_backend": args.attention_backend,
-                                                **(NO_FUSIONS if args.no_fusions else {})},
-        "parallel": {"tp": args.tp, "pp": args.pp, "sequence_parallel": args.sequence_parallel,
-                     "overlap_grad_reduce": args.overlap, "overlap_param_gather": args.overlap},
-        "precision": {"dtype": dtype_name, "fp8": args.fp8},
-        "memory": {"recompute": args.recompute},
-        "optimizer": {"lr": 1e-5, "min_lr": 1e-6},
-        "budget": {"iterations": args.steps + args.warmup}})
+    cfg = _train_config(args, dtype_name)
     device = compute_device()
     gpt, model, optimizer, scheduler = build_training_state(
         cfg, model_cfg, dtype, args.steps + args.warmup, device)
@@ -165,8 +177,7 @@ def main(argv=None) -> dict | None:
         "mfu": tflops / peak if peak else None,
         ("peak_memory_gib" if on_gpu else "peak_rss_gib"): mem,
         "steps": args.steps, "warmup": args.warmup, "label": args.label,
-        "fusions": {k: getattr(gpt.config, k) for k in ("gradient_accumulation_fusion",
-                    "apply_rope_fusion", "cross_entropy_loss_fusion")},
+        "fusions": {k: getattr(gpt.config, k) for k in FUSION_FIELDS},
         "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
     }
     result["markdown_row"] = (

@@ -34,7 +34,9 @@ def test_throughput_script_on_cpu(tmp_path, backend):
     assert r["markdown_row"].startswith("| tiny-a | 128 | 1/1/1 | 2x2 | float32 |")
     # fp32 on CPU: no fused kernel applies; TP1 leaves CUDA_DEVICE_MAX_CONNECTIONS alone
     assert r["fusions"] == dict.fromkeys(("gradient_accumulation_fusion", "apply_rope_fusion",
-                                          "cross_entropy_loss_fusion"), False)
+                                          "cross_entropy_loss_fusion", "bias_activation_fusion",
+                                          "bias_dropout_fusion", "masked_softmax_fusion",
+                                          "persist_layer_norm"), False)
 
 
 def test_checkpoint_save_benchmark_on_tiny(tmp_path):
