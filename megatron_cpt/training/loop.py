@@ -604,8 +604,8 @@ def _record_crash(run: RunFolder, exc: BaseException) -> None:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     try:
         run.write_crashed(code, f"{type(exc).__name__}: {first}" if code == 1 else first)
-    except OSError:  # the verdict is best effort; the exception itself must surface
-        pass
+    except OSError as err:  # best effort: the launch's own exception must still surface
+        event(f"could not record the crash in {run.exit_status_path}: {err}")
 
 
 def _already_complete(plan: RunPlan) -> int:
