@@ -25,12 +25,18 @@ Per GPU (the most loaded pipeline stage), in bytes:
                                the rotated q and k, the attention output (q), SwiGLU's input
                                (2f) and FC2's input (f)
       + b (H / t) s^2          Megatron's unfused ("local") attention only, unless selective
-                               recompute: the softmax probabilities (dropout 0 keeps no copy)
+                               recompute: the softmax probabilities, at 4 + 2 bytes in bf16
+                               (the softmax runs in fp32 and keeps its fp32 output; the
+                               probabilities @ V matmul keeps their bf16 copy), 4 in fp32
+                               (dropout 0 keeps no mask)
 
   Selective recompute drops the attention-score term (FlashAttention / SDPA never store it);
   full recompute keeps one layer input per ``recompute_num_layers`` chunk (uniform) or per
   recomputed layer (block) plus one chunk's activations during its backward. No dropout
   (Qwen2.5 trains with 0) means no dropout masks.
+* **loss gradient**: the loss's backward makes the fp32 gradient of the logits
+  (``s b V / t`` x 4 bytes, last stage) while every activation is still saved: the peak of a
+  step, measured on an H200 (docs/benchmarks.md, "Memory planner against a GPU").
 * **runtime reserve**: CUDA context and NCCL buffers (:data:`CONTEXT_GIB`) and allocator
   fragmentation (:data:`FRAGMENTATION` of the GPU): a cell fits when the total is at most the
   GPU memory minus this reserve.
@@ -138,10 +144,29 @@ def _layer_activation_elems(m: ModelConfig, lay: Layout) -> float:
     q, k = m.num_attention_heads * d, m.num_query_groups * d
     norm_side = 4 * s * b * h / (t if lay.sequence_parallel else 1)
     split = s * b * (3 * q + 3 * k + 3 * f) / t
-    scores = 0.0
-    if not lay.fused_attention and lay.recompute != "selective":
-        scores = b * (m.num_attention_heads / t) * s * s
-    return norm_side + split + scores
+    return norm_side + split
+
+
+def _attention_score_bytes(m: ModelConfig, lay: Layout) -> float:
+    """What Megatron's local attention keeps of its b (H/t) s^2 scores for one layer and micro
+    batch: the fp32 softmax output (``attention_softmax_in_fp32``) and, below fp32, the copy in
+    the training dtype that the probabilities @ V matmul keeps. Fused attention (TE, SDPA) and
+    selective recompute keep none. Measured 5.9 bytes per score on CPU (tiny-b, bf16;
+    tests/test_memory_planner.py) and 6.1 on an H200 (0.5B, 1.5B)."""
+    if lay.fused_attention or lay.recompute == "selective":
+        return 0.0
+    a = DTYPE_BYTES[lay.dtype]
+    per_score = 4 + (a if a < 4 else 0)
+    s, b = lay.seq_length, lay.micro_batch
+    return b * (m.num_attention_heads / lay.tp) * s * s * per_score
+
+
+def loss_gradient_bytes(m: ModelConfig, lay: Layout, stage: int) -> float:
+    """The fp32 gradient of the logits that the loss's backward allocates on the last stage
+    while every saved activation is still alive (the step's peak)."""
+    if stage != lay.pp - 1:
+        return 0.0
+    return lay.seq_length * lay.micro_batch * (m.padded_vocab_size / lay.tp) * 4
 
 
 def _stage_activations(m: ModelConfig, lay: Layout, stage: int) -> float:
@@ -149,7 +174,7 @@ def _stage_activations(m: ModelConfig, lay: Layout, stage: int) -> float:
     a = DTYPE_BYTES[lay.dtype]
     s, b, t = lay.seq_length, lay.micro_batch, lay.tp
     layers = m.num_layers // lay.pp
-    per_layer = _layer_activation_elems(m, lay) * a
+    per_layer = _layer_activation_elems(m, lay) * a + _attention_score_bytes(m, lay)
     layer_input = s * b * m.hidden_size / (t if lay.sequence_parallel else 1) * a
     if lay.recompute == "full":
         n = max(1, lay.recompute_num_layers)
@@ -180,12 +205,14 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float
-    activations: float
+    activations: float         # saved for backward
+    loss_gradient: float       # the logits' fp32 gradient at the step's peak (last stage)
     gpu_memory: float | None   # bytes; None: not known (CPU-only study)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.loss_gradient)
 
     @property
     def usable(self) -> float | None:
@@ -202,7 +229,8 @@ class MemoryEstimate:
         return {"layout": dataclasses.asdict(self.layout), "stage": self.stage,
                 "params_per_gpu": self.params, "weights_gib": gib(self.weights),
                 "gradients_gib": gib(self.gradients), "optimizer_gib": gib(self.optimizer),
-                "activations_gib": gib(self.activations), "total_gib": gib(self.total),
+                "activations_gib": gib(self.activations),
+                "loss_gradient_gib": gib(self.loss_gradient), "total_gib": gib(self.total),
                 "gpu_gib": gib(self.gpu_memory), "usable_gib": gib(self.usable),
                 "fits": self.fits}
 
@@ -226,6 +254,7 @@ def estimate(m: ModelConfig, lay: Layout, gpu_memory_gb: float | None = None) ->
     for stage in range(lay.pp):
         n, w, g, o = static_bytes(m, lay, stage)
         est = MemoryEstimate(lay, stage, n, w, g, o, _stage_activations(m, lay, stage),
+                             loss_gradient_bytes(m, lay, stage),
                              gpu_memory_gb * GIB if gpu_memory_gb else None)
         if best is None or est.total > best.total:
             best = est
@@ -280,7 +309,8 @@ def refusal(name: str, est: MemoryEstimate, suggested: list[str]) -> str:
         "; no single change of TP, recompute or micro batch fits: add nodes or pipeline stages"
     return (f"{name}: {est.layout.describe()} needs {est.total / GIB:.1f} GiB per GPU "
             f"(weights {est.weights / GIB:.1f}, gradients {est.gradients / GIB:.1f}, optimizer "
-            f"{est.optimizer / GIB:.1f}, activations {est.activations / GIB:.1f}) but "
+            f"{est.optimizer / GIB:.1f}, activations {est.activations / GIB:.1f}, loss gradient "
+            f"{est.loss_gradient / GIB:.1f}) but "
             f"{est.usable / GIB:.1f} of {est.gpu_memory / GIB:.0f} GiB are usable{fix}")
 
 

@@ -1,7 +1,8 @@
 """Bytes the real model saves for its backward pass during one training forward (CPU, one
 process): every tensor autograd keeps, counted once per storage, weights excluded.
 
-Usage: python tests/helpers/activation_driver.py OUT.json MODEL SEQ MICRO_BATCH
+Usage: python tests/helpers/activation_driver.py OUT.json MODEL SEQ MICRO_BATCH [DTYPE]
+(DTYPE float32, the default, or bfloat16.)
 Writes one row per (attention backend, recompute mode).
 """
 import json
@@ -35,6 +36,7 @@ def main() -> None:
     from megatron_cpt.training.model_options import _memory_extra
 
     out, name, seq, micro = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    dtype = getattr(torch, sys.argv[5] if len(sys.argv) > 5 else "float32")
     init_distributed(1, 1)
     model = ModelConfig.load(name)
     tokens = torch.randint(0, model.vocab_size, (micro, seq))
@@ -44,7 +46,7 @@ def main() -> None:
             cfg = TrainConfig()
             cfg.memory.recompute = recompute
             gpt = build_gpt_model(model, BuildOptions(attention_backend=backend, use_te=False,
-                                                      extra=_memory_extra(cfg)))
+                                                      params_dtype=dtype, extra=_memory_extra(cfg)))
             rows.append({"backend": backend, "recompute": recompute,
                          "saved_bytes": saved_bytes(gpt.train(), tokens)})
     out.write_text(json.dumps(rows, indent=1))
