@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 
 def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
@@ -24,11 +26,11 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--domains", nargs="+", help="--study: subset of the corpora")
     p.add_argument("--model", help="architecture name or YAML when model.pretrained does not "
                    "exist yet (default: the checkpoint's model.yaml)")
-    p.add_argument("--gpus", type=int, help="GPUs of the run (default: TP x PP)")
-    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
+    p.add_argument("--gpus", **arg_range(int, 1), help="GPUs of the run (default: TP x PP)")
+    p.add_argument("--mfu", **arg_range(float, 0, 1, lo_open=True), default=0.40, help="assumed model FLOPs utilization")
+    p.add_argument("--peak-tflops", **arg_range(float, 0, lo_open=True), default=989.0,
                    help="per-GPU dense bf16 peak (H100 SXM: 989)")
-    p.add_argument("--gpu-memory-gb", type=float,
+    p.add_argument("--gpu-memory-gb", **arg_range(float, 0, lo_open=True),
                    help="--config: GiB per GPU to check the memory plan against (--study: "
                    "resources.gpu_memory_gb)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -90,6 +92,7 @@ def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool
 def _run(args: argparse.Namespace) -> int:
     from megatron_cpt.training.budget import cost_estimate
     from megatron_cpt.training.config import TrainConfig
+    from megatron_cpt.training.preflight import check_layout
 
     if args.study:
         from megatron_cpt.launch.study import StudyConfig
@@ -99,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
                                 args.peak_tflops, args.json)
     cfg = TrainConfig.load(args.config, args.overrides)
     model = _model_for(cfg, args.model)
+    check_layout(cfg, model, args.gpus or cfg.parallel.tp * cfg.parallel.pp)  # as `train --check`
     rows = [{"cell": Path(cfg.run_dir).name, **cost_estimate(
         cfg, model, args.gpus, args.mfu, args.peak_tflops),
         "memory": _config_memory(cfg, model, args.gpus, args.gpu_memory_gb)}]
