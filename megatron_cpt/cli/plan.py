@@ -1,7 +1,9 @@
 """``megatron-cpt plan``: what a run (or the whole study grid) costs, before launching it.
 
 ``plan --study`` and ``launch grid --dry-run`` are one planner: both print
-:func:`print_study_plan` over :func:`megatron_cpt.launch.grid.cost_rows` of the study YAML."""
+:func:`print_study_plan` over :func:`megatron_cpt.launch.grid.cost_rows` of the study YAML.
+``plan --config`` first runs ``train --check``'s layout check (``preflight.check_layout``), so
+it never prices a layout ``train`` refuses."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +19,8 @@ def register(sub, name: str, help_text: str) -> None:
         "training config (--config) or of every cell of the study grid (--study, the same table "
         "as `launch grid --dry-run`), with memory per GPU (weights, gradients, optimizer shard, "
         "activations) and checkpoint storage. FLOPs per token follow Megatron-LM's formula "
-        "(docs/training.md)."))
+        "(docs/training.md). A layout `train --check` refuses on --gpus GPUs is refused here "
+        "too (exit 2, the same line)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="training YAML")
     src.add_argument("--study", type=Path, help="study YAML (configs/study.yaml): every cell")
