@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from megatron_cpt.config_ranges import arg_range
+
 
 def register(sub, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -22,8 +24,8 @@ def register(sub, name: str, help_text: str) -> None:
     tr.add_argument("--out", required=True, help="output folder (model.bin, classifier.json, metrics.json)")
     tr.add_argument("--labels", default="legal,medical,accounting,other",
                     help="comma-separated label set (default: legal,medical,accounting,other)")
-    tr.add_argument("--holdout", type=float, default=0.2, help="stratified held-out fraction (default 0.2)")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--holdout", **arg_range(float, 0, 1, lo_open=True, hi_open=True), default=0.2, help="stratified held-out fraction (default 0.2)")
+    tr.add_argument("--seed", **arg_range(int, 0), default=0)
     tr.set_defaults(func=_classifier_train)
     sc = clf_sub.add_parser("score", help="annotate documents with per-domain probabilities (JSONL out)")
     sc.add_argument("--model", required=True, help="classifier folder written by `classifier train`")
@@ -39,7 +41,7 @@ def register(sub, name: str, help_text: str) -> None:
     fl.add_argument("--config", required=True, help="YAML config, e.g. configs/data/sample.yaml")
     fl.add_argument("--output", help="override `output:` of the config")
     fl.add_argument("--classifier", help="override `classifier:` of the config")
-    fl.add_argument("--workers", type=int, help="override the executor's workers")
+    fl.add_argument("--workers", **arg_range(int, -1), help="override the executor's workers")
     fl.add_argument("--executor", choices=["local", "slurm"], help="override the executor kind")
     fl.set_defaults(func=_filter)
 
@@ -48,18 +50,18 @@ def register(sub, name: str, help_text: str) -> None:
     tk.add_argument("--input", required=True, nargs="+", help="input files or globs (JSONL[.gz|.zst], Parquet)")
     tk.add_argument("--tokenizer", required=True, help="local HF tokenizer folder or SentencePiece .model")
     tk.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json")
-    tk.add_argument("--workers", type=int, default=None,
+    tk.add_argument("--workers", **arg_range(int, 1), default=None,
                     help="local: cores to use (default 1); slurm: max concurrent array tasks (default no limit)")
     tk.add_argument("--executor", choices=["local", "slurm"], default="local")
     tk.add_argument("--text-field", default="text")
     tk.add_argument("--id-field", default="id")
     tk.add_argument("--eod-token", default=None, help="end-of-document token (default <|endoftext|>, "
                     "else the tokenizer's eos_token)")
-    tk.add_argument("--unit-mb", type=float, default=16.0, help="split plain JSONL into units of this size")
-    tk.add_argument("--batch-size", type=int, default=1000, help="documents per encode_batch call")
+    tk.add_argument("--unit-mb", **arg_range(float, 0, lo_open=True), default=16.0, help="split plain JSONL into units of this size")
+    tk.add_argument("--batch-size", **arg_range(int, 1), default=1000, help="documents per encode_batch call")
     tk.add_argument("--slurm-partition", default="cpu")
     tk.add_argument("--slurm-time", default="04:00:00")
-    tk.add_argument("--slurm-cpus", type=int, default=2)
+    tk.add_argument("--slurm-cpus", **arg_range(int, 1), default=2)
     tk.add_argument("--keep-work", action="store_true", help="keep PREFIX.work (shards, task logs)")
     tk.set_defaults(func=_tokenize)
 
@@ -131,14 +133,9 @@ def _tokenize(args) -> int:
     from data_prep.executor import ExecutorConfig, venv_activate
     from data_prep.manifest import format_table, stats_rows
     from data_prep.tokenize import tokenize
-    from megatron_cpt.errors import UsageError
 
     if args.workers is None:
         args.workers = 1 if args.executor == "local" else -1
-    elif args.workers < 1:
-        raise UsageError(f"--workers {args.workers} must be >= 1")
-    if args.unit_mb <= 0 or args.batch_size < 1:
-        raise UsageError("--unit-mb and --batch-size must be positive")
     ex = ExecutorConfig(kind=args.executor, workers=args.workers, partition=args.slurm_partition,
                         time=args.slurm_time, cpus_per_task=args.slurm_cpus,
                         venv_path=venv_activate())

@@ -34,6 +34,7 @@ import numpy as np
 
 from data_prep.executor import UnitStep
 from data_prep.io import DropCounter, RecordReader
+from megatron_cpt.config_ranges import check_instance, ranged
 from megatron_cpt.errors import UsageError
 
 MAX_CLUSTER_EXAMPLES = 10
@@ -43,10 +44,10 @@ MAX_CLUSTER_EXAMPLES = 10
 class DedupConfig:
     exact: bool = False
     near: bool = False
-    n_grams: int = 5
-    num_buckets: int = 14
-    hashes_per_bucket: int = 8
-    seed: int = 1
+    n_grams: int = ranged(5, 1)
+    num_buckets: int = ranged(14, 1)
+    hashes_per_bucket: int = ranged(8, 1)
+    seed: int = ranged(1, 0)
 
     @classmethod
     def from_raw(cls, raw, source: str) -> "DedupConfig":
@@ -56,8 +57,7 @@ class DedupConfig:
         except TypeError as exc:
             raise UsageError(f"{source}: bad `dedup:` entry ({exc}); keys: "
                              f"{[f.name for f in dataclasses.fields(cls)]}") from exc
-        if min(cfg.n_grams, cfg.num_buckets, cfg.hashes_per_bucket) < 1:
-            raise UsageError(f"{source}: dedup n_grams, num_buckets and hashes_per_bucket must be >= 1")
+        check_instance(cfg, source, "dedup.")
         return cfg
 
     @property

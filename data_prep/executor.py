@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 
+from megatron_cpt.config_ranges import ranged
 from megatron_cpt.errors import UsageError
 
 try:  # datatrove is a hard dependency, but keep the import error readable
@@ -64,12 +65,12 @@ class CallableStep(PipelineStep):
 @dataclasses.dataclass
 class ExecutorConfig:
     kind: str = "local"  # local | slurm
-    workers: int = 1  # local: parallel processes; slurm: max concurrent array tasks (-1: no limit)
+    workers: int = ranged(1, -1)  # local: parallel processes; slurm: max concurrent array tasks (-1: no limit)
     # SLURM only
     partition: str = "cpu"
     time: str = "04:00:00"
-    cpus_per_task: int = 2
-    mem_per_cpu_gb: int = 2
+    cpus_per_task: int = ranged(2, 1)
+    mem_per_cpu_gb: int = ranged(2, 1)
     venv_path: str | None = None
     sbatch_args: dict | None = None
 

@@ -38,9 +38,11 @@ from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_i
 from data_prep.language import LanguageConfig
 from data_prep.quality import QualityConfig
 from megatron_cpt.config_loader import YamlDoc, build, read_yaml
+from megatron_cpt.config_ranges import ranged, unbounded
 from megatron_cpt.errors import UsageError
 
 DEFAULT_SWEEP = (0.3, 0.5, 0.7, 0.9)
+_FLAGS = {"kind": "executor"}  # executor keys whose `prep filter` option has another name
 
 
 @dataclasses.dataclass
@@ -74,10 +76,13 @@ class FilterConfig:
         doc = read_yaml(path, "filter config")
         if not isinstance(doc.data, dict):
             raise doc.error((), "a filter config must be a mapping")
-        doc.data.update(overrides or {})
+        for key, value in (overrides or {}).items():
+            doc.override((key,), value, f"command line `--{key} {value}`")
         if executor:
             ex = doc.data.get("executor") or {}
-            doc.data["executor"] = {**({"kind": ex} if isinstance(ex, str) else ex), **executor}
+            doc.data["executor"] = {"kind": ex} if isinstance(ex, str) else ex
+            for key, value in executor.items():
+                doc.override(("executor", key), value, f"command line `--{_FLAGS.get(key, key)} {value}`")
         return cls.from_dict(doc.data, doc)
 
     @classmethod
@@ -115,7 +120,7 @@ class FilterConfig:
 @dataclasses.dataclass
 class _Decontamination:
     exam_files: list[str] = dataclasses.field(default_factory=list)
-    ngram: int = 13
+    ngram: int = ranged(13, 1)
 
 
 @dataclasses.dataclass
@@ -125,7 +130,7 @@ class _TokenCount:
 
 @dataclasses.dataclass
 class _General:
-    token_target: int | None = None
+    token_target: int | None = ranged(None, 1)
 
 
 @dataclasses.dataclass
@@ -144,20 +149,20 @@ class _FilterFile:
     name: str = ""
     text_field: str = "text"
     id_field: str = "id"
-    threshold_sweep: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_SWEEP))
+    threshold_sweep: list[float] = ranged(lo=0, hi=1, default_factory=lambda: list(DEFAULT_SWEEP))
     decontamination: _Decontamination = dataclasses.field(default_factory=_Decontamination)
     token_count: _TokenCount = dataclasses.field(default_factory=_TokenCount)
     general: _General = dataclasses.field(default_factory=_General)
     control: _Control = dataclasses.field(default_factory=_Control)
-    seed: int = 0
-    unit_bytes: int = DEFAULT_UNIT_BYTES
+    seed: int = ranged(0, 0)
+    unit_bytes: int = ranged(DEFAULT_UNIT_BYTES, 1)
     executor: ExecutorConfig = dataclasses.field(default_factory=ExecutorConfig)
     # checked by their own modules (data_prep/dedup.py, language.py, quality.py)
     dedup: Any = None
     language: Any = None
     quality: Any = None
-    workers: int | None = None   # shorthand for executor.workers
-    tasks: int | None = None     # ignored: tasks = number of input units (set by unit_bytes)
+    workers: int | None = ranged(None, -1)   # shorthand for executor.workers
+    tasks: int | None = unbounded(None)      # ignored: tasks = number of input units (set by unit_bytes)
 
 
 class FilterStep(UnitStep):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_cpt.config_ranges import check_instance, ranged
 from megatron_cpt.errors import UsageError
 
 
 @dataclasses.dataclass
 class LanguageConfig:
     code: str | None = None  # keep documents identified as this ISO 639-1 code (None: identify only)
-    threshold: float = 0.5  # ... with at least this probability
+    threshold: float = ranged(0.5, 0, 1) # ... with at least this probability
 
     @classmethod
     def from_raw(cls, raw, source: str) -> "LanguageConfig":
@@ -30,8 +31,7 @@ class LanguageConfig:
         if cfg.code is not None and cfg.code not in _labels():
             raise UsageError(f"{source}: language {cfg.code!r} is not one of py3langid's 97 codes "
                              f"(e.g. {', '.join(sorted(_labels())[:8])}, ...)")
-        if not 0 <= float(cfg.threshold) <= 1:
-            raise UsageError(f"{source}: language threshold {cfg.threshold!r} must be in [0, 1]")
+        check_instance(cfg, source, "language.")
         return cfg
 
 

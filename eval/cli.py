@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 
 def register(sub, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -15,7 +17,7 @@ def register(sub, name: str, help_text: str) -> None:
                       "the stock harness: lm_eval --include_path OUT --tasks mcpt_legal_test ...")
     p.add_argument("--exams", nargs="+", type=Path, required=True, help="exam JSONL files")
     p.add_argument("--out", type=Path, required=True, help="folder for the task YAMLs")
-    p.add_argument("--num-fewshot", type=int, default=5, help="dev questions before each question")
+    p.add_argument("--num-fewshot", **arg_range(int, 0), default=5, help="dev questions before each question")
     p.add_argument("--prompt-file", type=Path,
                    help="Jinja template for one question (default: question, lettered options, 'Answer:')")
     _formulations_arg(p)
@@ -27,10 +29,10 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--tasks-dir", type=Path, required=True, help="output of `eval tasks`")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument("--tp", **arg_range(int, 1), default=1)
+    p.add_argument("--pp", **arg_range(int, 1), default=1)
+    p.add_argument("--batch-size", **arg_range(int, 1), default=16)
+    p.add_argument("--limit", **arg_range(int, 1), help="score only the first N questions of each task")
     p.add_argument("--out", type=Path, required=True, help="JSON with metrics and per-question records")
     p.set_defaults(func=_score)
 
@@ -46,13 +48,13 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--extra-tasks", default="",
                    help="comma-separated stock lm-eval tasks too (e.g. mmlu_professional_law; "
                    "needs the dataset hub)")
-    p.add_argument("--num-fewshot", type=int, default=5)
+    p.add_argument("--num-fewshot", **arg_range(int, 0), default=5)
     _formulations_arg(p)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
-    p.add_argument("--valid-sequences", type=int, default=16,
+    p.add_argument("--tp", **arg_range(int, 1), default=1)
+    p.add_argument("--pp", **arg_range(int, 1), default=1)
+    p.add_argument("--batch-size", **arg_range(int, 1), default=16)
+    p.add_argument("--limit", **arg_range(int, 1), help="score only the first N questions of each task")
+    p.add_argument("--valid-sequences", **arg_range(int, 1), default=16,
                    help="windows of each validation prefix for the validation perplexity")
     p.set_defaults(func=_run)
 

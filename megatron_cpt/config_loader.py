@@ -3,8 +3,9 @@
 Why not PyYAML + ``cls(**data)``: a typo'd key, a list where a number belongs or a tab in
 the YAML must stop the run before any work with one line naming ``file:line`` (exit 2),
 not a traceback or a silently ignored setting. ``read_yaml`` keeps the line of every key;
-``build`` fills a dataclass strictly (unknown keys and wrong types refused) and names the
-line of the offending key.
+``build`` fills a dataclass strictly (unknown keys, wrong types and numbers outside the
+field's declared range, :mod:`megatron_cpt.config_ranges`, refused) and names the line of the
+offending key, or the command-line override that set it (:meth:`YamlDoc.override`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from megatron_cpt.config_ranges import field_range
 from megatron_cpt.errors import UsageError
 
 Key = tuple  # a path into the document: ("data", "train", 0, "prefix")
@@ -29,9 +31,27 @@ class YamlDoc:
     data: Any
     source: str = "config"           # the file name used in messages
     lines: dict[Key, int] = field(default_factory=dict)
+    # keys set after reading (command line) -> where the value came from, e.g. "command line
+    # `optimizer.lr=-1`": errors under that key blame it, not the YAML line it replaced
+    overrides: dict[Key, str] = field(default_factory=dict)
+
+    def override(self, key: Key, value: Any, origin: str) -> None:
+        """Set ``key`` (creating sections) to ``value``, remembering ``origin`` for errors."""
+        node = self.data
+        for n, part in enumerate(key[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"{origin}: {_dotted(key[:n + 1])} is not a section")
+        node[key[-1]] = value
+        self.overrides = {k: a for k, a in self.overrides.items() if k[:len(key)] != key}
+        self.overrides[key] = origin
 
     def where(self, key: Key = ()) -> str:
-        """``file:line`` of ``key`` (or of its nearest parent that has a line)."""
+        """``file:line`` of ``key`` (or of its nearest parent that has a line), or the
+        command-line argument that set it or a section above it."""
+        for n in range(len(key), 0, -1):
+            if key[:n] in self.overrides:
+                return self.overrides[key[:n]]
         for n in range(len(key), 0, -1):
             if key[:n] in self.lines:
                 return f"{self.source}:{self.lines[key[:n]]}"
@@ -96,6 +116,13 @@ def build(cls, data: Any, doc: YamlDoc | None = None, key: Key = ()):
         where = f" in {_dotted(key)}" if key else ""
         raise doc.error(bad, f"unknown key(s) {unknown}{where}; valid: {sorted(names)}")
     kwargs = {name: coerce(hints[name], value, doc, key + (name,)) for name, value in data.items()}
+    for f in dataclasses.fields(cls):
+        rng = field_range(f)
+        if rng is not None and kwargs.get(f.name) is not None:
+            try:
+                rng.check(kwargs[f.name], _dotted(key + (f.name,)))
+            except UsageError as exc:
+                raise doc.error(key + (f.name,), str(exc)) from None
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing

@@ -48,6 +48,15 @@ CASES = [
     ("filter", FILTER, ("seed: 0", "seed: 0\n\tbad: 1"), "bad: 1", "invalid YAML"),
     ("filter", FILTER, ("  ngram: 13", "  ngram: 13\n  ngrams: 13"), "ngrams", r"unknown key\(s\) \['ngrams'\]"),
     ("filter", FILTER, ("  workers: 2", "  workers: two"), "workers: two", "executor.workers must be int"),
+    # numbers outside the range declared with their field (megatron_cpt/config_ranges.py)
+    ("train", TRAIN, ("  iterations: 4", "  iterations: 0"), "iterations", "budget.iterations must be >= 1, got 0"),
+    ("study", STUDY, ("max_requeues: 3", "max_requeues: -1"), "max_requeues", "resources.max_requeues must be >= 0"),
+    ("study", STUDY, ("  num_fewshot: 0 ", "  num_fewshot: -1 "), "num_fewshot", "eval.num_fewshot must be >= 0"),
+    ("model", MODEL, ("norm_eps: 1.0e-06", "norm_eps: 0"), "norm_eps", r"norm_eps must be > 0, got 0"),
+    ("filter", FILTER, ("  ngram: 13", "  ngram: 0"), "ngram: 0", "decontamination.ngram must be >= 1"),
+    ("filter", FILTER, ("threshold_sweep: [0.3,", "threshold_sweep: [1.3,"), "threshold_sweep",
+     r"threshold_sweep must be in \[0, 1\], got 1.3"),
+    ("filter", FILTER, ("  threshold: 0.5 ", "  threshold: 2 "), "language:", r"language.threshold must be in \[0, 1\], got 2"),
 ]
 
 
@@ -104,7 +113,10 @@ def test_cli_refuses_negative_workers_before_any_work(tmp_path, capsys):
     path = _write(tmp_path, FILTER)
     assert main(["prep", "filter", "--config", str(path), "--workers", "-5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "workers=-5" in err, err
+    assert len(err.splitlines()) == 1 and "--workers must be >= -1, got -5" in err, err
+    assert main(["prep", "filter", "--config", str(path), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "workers=0" in err, err
 
 
 def test_each_cell_is_scored_on_the_exams_its_report_reads(tmp_path):

@@ -3,7 +3,7 @@
     apps      megatron_cpt/cli, launch, report, demo.py, __main__.py
     training  megatron_cpt/training
     stages    data_prep, eval, megatron_cpt/tiny.py
-    ground    megatron_cpt/errors.py, config_loader.py, run_folder.py, runtime, models, checkpoint,
+    ground    megatron_cpt/errors.py, config_loader.py, config_ranges.py, run_folder.py, runtime, models, checkpoint,
               training/config.py (the typed schema of a run's config.yaml)
 
 No import (module level or inside a function) may point to a higher layer, and Megatron-core
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("megatron_cpt", "data_prep", "eval")
 LAYERS = {  # path prefix (relative to the repo) -> layer; the longest matching prefix wins
     "megatron_cpt/__init__.py": 0, "megatron_cpt/errors.py": 0, "megatron_cpt/config_loader.py": 0,
+    "megatron_cpt/config_ranges.py": 0,
     "megatron_cpt/run_folder.py": 0, "megatron_cpt/provenance.py": 0, "megatron_cpt/runtime/": 0, "megatron_cpt/models/": 0,
     "megatron_cpt/checkpoint/": 0,
     # the typed schema of a run folder's config.yaml: read by run_folder (ground) and by eval

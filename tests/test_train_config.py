@@ -301,5 +301,5 @@ def test_spike_watch_flags_a_loss_far_above_the_recent_mean():
     mean = watch.spike(100.0)
     assert mean == pytest.approx((20 + 5.9) / 11)
     assert watch.spike(2.0) is None and len(watch.recent) == 12  # the spike stayed out
-    with pytest.raises(UsageError, match="train.spike_factor 0.5 must be > 1"):
+    with pytest.raises(UsageError, match="train.spike_factor must be > 1, got 0.5"):
         TrainConfig.load(CONFIG, ["train.spike_factor=0.5"])

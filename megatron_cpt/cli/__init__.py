@@ -44,7 +44,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stage = argv[0] if argv and argv[0] in STAGES else None
-    args = build_parser(only=stage).parse_args(argv)
+    try:
+        args = build_parser(only=stage).parse_args(argv)  # options with a range raise UsageError
+    except UsageError as exc:
+        print(f"megatron-cpt {stage}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

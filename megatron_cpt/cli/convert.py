@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 
 def register(sub, name: str, help_text: str) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -27,7 +29,7 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--out", type=Path, required=True, help="Hugging Face folder to create")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    p.add_argument("--max-shard-gb", **arg_range(float, 0, lo_open=True), default=5.0, help="safetensors shard size")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_mcore_to_hf)
 
@@ -52,12 +54,12 @@ def register(sub, name: str, help_text: str) -> None:
                         "--ckpt CKPT --tp 2 --pp 2`.")
     p.add_argument("--hf", type=Path, required=True, help="Hugging Face model folder")
     p.add_argument("--ckpt", type=Path, required=True, help="Megatron checkpoint folder")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--tp", **arg_range(int, 1), default=1, help="tensor-parallel size")
+    p.add_argument("--pp", **arg_range(int, 1), default=1, help="pipeline-parallel size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", **arg_range(float, 0), default=1e-4,
                    help="max relative logit difference (max|diff| / max|logit|)")
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seq-len", **arg_range(int, 1), default=64)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     p.set_defaults(func=_verify)
 

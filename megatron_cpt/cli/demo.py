@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 
 
@@ -28,7 +30,7 @@ def register(sub, name: str, help_text: str) -> None:
                    "(general, legal, medical, control_legal)")
     p.add_argument("--sizes", nargs="+", help="subset of the demo grid's sizes "
                    "(tiny-a, tiny-c, tiny-b)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="report bootstrap replicates")
+    p.add_argument("--bootstrap", **arg_range(int, 1), default=1000, help="report bootstrap replicates")
     p.add_argument("--conversion-check", action="store_true",
                    help="instead: convert tiny models and verify them against transformers "
                    "at TP/PP 1-2")

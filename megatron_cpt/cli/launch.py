@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 DEFAULT_STUDY = Path("configs/study.yaml")
 
 
@@ -31,8 +33,8 @@ def register(sub, name: str, help_text: str) -> None:
     g.add_argument("--no-eval", action="store_true", help="do not chain the evaluation jobs")
     g.add_argument("--dry-run", action="store_true",
                    help="print cells, resources, tokens, FLOPs and GPU-hours; submit nothing")
-    g.add_argument("--mfu", type=float, default=0.40, help="--dry-run: assumed MFU")
-    g.add_argument("--peak-tflops", type=float, default=989.0, help="--dry-run: per-GPU peak")
+    g.add_argument("--mfu", **arg_range(float, 0, 1, lo_open=True), default=0.40, help="--dry-run: assumed MFU")
+    g.add_argument("--peak-tflops", **arg_range(float, 0, lo_open=True), default=989.0, help="--dry-run: per-GPU peak")
     g.set_defaults(func=_grid)
 
     s = lsub.add_parser("status", help="one row per cell: state, progress, checkpoint, loss, requeues, "

@@ -1,12 +1,16 @@
 """``megatron-cpt plan``: what a run (or the whole study grid) costs, before launching it.
 
 ``plan --study`` and ``launch grid --dry-run`` are one planner: both print
-:func:`print_study_plan` over :func:`megatron_cpt.launch.grid.cost_rows` of the study YAML."""
+:func:`print_study_plan` over :func:`megatron_cpt.launch.grid.cost_rows` of the study YAML.
+``plan --config`` first runs ``train --check``'s layout check (``preflight.check_layout``), so
+it never prices a layout ``train`` refuses."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from megatron_cpt.config_ranges import arg_range
 
 
 def register(sub, name: str, help_text: str) -> None:
@@ -15,7 +19,8 @@ def register(sub, name: str, help_text: str) -> None:
         "training config (--config) or of every cell of the study grid (--study, the same table "
         "as `launch grid --dry-run`), with memory per GPU (weights, gradients, optimizer shard, "
         "activations) and checkpoint storage. FLOPs per token follow Megatron-LM's formula "
-        "(docs/training.md)."))
+        "(docs/training.md). A layout `train --check` refuses on --gpus GPUs is refused here "
+        "too (exit 2, the same line)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="training YAML")
     src.add_argument("--study", type=Path, help="study YAML (configs/study.yaml): every cell")
@@ -24,11 +29,11 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--domains", nargs="+", help="--study: subset of the corpora")
     p.add_argument("--model", help="architecture name or YAML when model.pretrained does not "
                    "exist yet (default: the checkpoint's model.yaml)")
-    p.add_argument("--gpus", type=int, help="GPUs of the run (default: TP x PP)")
-    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
+    p.add_argument("--gpus", **arg_range(int, 1), help="GPUs of the run (default: TP x PP)")
+    p.add_argument("--mfu", **arg_range(float, 0, 1, lo_open=True), default=0.40, help="assumed model FLOPs utilization")
+    p.add_argument("--peak-tflops", **arg_range(float, 0, lo_open=True), default=989.0,
                    help="per-GPU dense bf16 peak (H100 SXM: 989)")
-    p.add_argument("--gpu-memory-gb", type=float,
+    p.add_argument("--gpu-memory-gb", **arg_range(float, 0, lo_open=True),
                    help="--config: GiB per GPU to check the memory plan against (--study: "
                    "resources.gpu_memory_gb)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -90,6 +95,7 @@ def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool
 def _run(args: argparse.Namespace) -> int:
     from megatron_cpt.training.budget import cost_estimate
     from megatron_cpt.training.config import TrainConfig
+    from megatron_cpt.training.preflight import check_layout
 
     if args.study:
         from megatron_cpt.launch.study import StudyConfig
@@ -99,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
                                 args.peak_tflops, args.json)
     cfg = TrainConfig.load(args.config, args.overrides)
     model = _model_for(cfg, args.model)
+    check_layout(cfg, model, args.gpus or cfg.parallel.tp * cfg.parallel.pp)  # as `train --check`
     rows = [{"cell": Path(cfg.run_dir).name, **cost_estimate(
         cfg, model, args.gpus, args.mfu, args.peak_tflops),
         "memory": _config_memory(cfg, model, args.gpus, args.gpu_memory_gb)}]

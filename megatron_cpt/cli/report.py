@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_cpt.config_ranges import arg_range
+
 
 def register(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=(
@@ -13,9 +15,9 @@ def register(sub, name: str, help_text: str) -> None:
         "with bootstrap CIs over exam questions. Definitions: docs/report.md."))
     p.add_argument("--study", type=Path, required=True, help="study folder")
     p.add_argument("--out", type=Path, help="output folder (default STUDY/report)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", **arg_range(int, 1), default=1000,
                    help="bootstrap replicates over exam questions (0: no CIs)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", **arg_range(int, 0), default=0, help="bootstrap seed")
     p.set_defaults(func=_run)
 
 

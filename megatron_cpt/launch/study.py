@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_cpt.config_loader import build, read_yaml
+from megatron_cpt.config_ranges import ranged
 from megatron_cpt.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,47 +28,47 @@ class SizeSpec:
 
     name: str
     model: str                     # configs/models/<model>.yaml; also the checkpoint folder name
-    tp: int = 1
-    pp: int = 1
-    nodes: int = 1
-    tasks_per_node: int | None = None   # default: resources.gpus_per_node (one task per GPU)
+    tp: int = ranged(1, 1)
+    pp: int = ranged(1, 1)
+    nodes: int = ranged(1, 1)
+    tasks_per_node: int | None = ranged(None, 1)  # default: resources.gpus_per_node (one task per GPU)
     time: str = "1-00:00:00"
-    signal_s: int = 300            # SIGUSR1 this long before the limit: time to save a checkpoint
+    signal_s: int = ranged(300, 0)           # SIGUSR1 this long before the limit: time to save a checkpoint
     overrides: list[str] = field(default_factory=list)   # extra trainer overrides for this size
 
 
 @dataclass
 class Resources:
-    gpus_per_node: int = 8         # 0: CPU-only cluster (tests, demo)
-    gpu_memory_gb: float | None = None  # GiB per GPU: the memory planner refuses cells that
+    gpus_per_node: int = ranged(8, 0)        # 0: CPU-only cluster (tests, demo)
+    gpu_memory_gb: float | None = ranged(None, 0, lo_open=True) # GiB per GPU: the memory planner refuses cells that
                                         # do not fit (None: not checked)
-    tasks_per_node: int = 8
-    cpus_per_task: int = 12
+    tasks_per_node: int = ranged(8, 1)
+    cpus_per_task: int = ranged(12, 1)
     mem: str | None = None         # e.g. "0" (all of the node) or "2G"; None: cluster default
     partition: str | None = None   # SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS override these
     account: str | None = None
     qos: str | None = None
-    max_requeues: int = 20         # a cell that needs more is broken, not unlucky
-    max_failures: int = 3          # crashes (not 2/3/42) retried per job; then it ends FAILED
+    max_requeues: int = ranged(20, 0)        # a cell that needs more is broken, not unlucky
+    max_failures: int = ranged(3, 0)         # crashes (not 2/3/42) retried per job; then it ends FAILED
 
 
 @dataclass
 class EvalSpec:
     enabled: bool = True
     exams: list[str] = field(default_factory=list)
-    num_fewshot: int = 5
-    batch_size: int = 16
-    limit: int | None = None       # questions per task (None: all)
-    valid_sequences: int = 16      # sequences per validation prefix (perplexity / forgetting)
+    num_fewshot: int = ranged(5, 0)
+    batch_size: int = ranged(16, 1)
+    limit: int | None = ranged(None, 1)      # questions per task (None: all)
+    valid_sequences: int = ranged(16, 1)     # sequences per validation prefix (perplexity / forgetting)
     # Exam formulation SGER is computed on (both are always scored and reported): mcf (the
     # lettered options, arXiv 2501.02068), cf (cloze: the choice texts), or auto = cf for
     # sizes below cf_below_params or where the base model's MCF val accuracy is at chance
     # (docs/report.md), else mcf.
     primary_formulation: str = "auto"
-    cf_below_params: float = 2.0e9
+    cf_below_params: float = ranged(2.0e9, 0)
     time: str = "04:00:00"
-    gpus: int = 1                  # evaluation runs at TP1 on one GPU (14B bf16 fits in 80 GB)
-    cpus: int = 8
+    gpus: int = ranged(1, 0)                 # evaluation runs at TP1 on one GPU (14B bf16 fits in 80 GB)
+    cpus: int = ranged(8, 1)
     mem: str | None = None
 
 
@@ -244,7 +245,8 @@ class Cell:
     def train_config(self):
         from megatron_cpt.training.config import TrainConfig
 
-        return TrainConfig.load(self.study.train_config, self.trainer_overrides())
+        return TrainConfig.load(self.study.train_config, self.trainer_overrides(),
+                                origin=f"{self.study.path.name} cell {self.size.name}/{self.corpus}")
 
     def describe(self) -> dict:
         return {"size": self.size.name, "cell": self.corpus, "kind": self.kind,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 from megatron_cpt.config_loader import YamlDoc, build, read_yaml
+from megatron_cpt.config_ranges import ranged
 from megatron_cpt.errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -28,19 +29,19 @@ class ModelConfig:
     """A Qwen2-family decoder. Field names follow Megatron's ``TransformerConfig``."""
 
     name: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    vocab_size: int  # rows of the HF embedding (config.json vocab_size), not the tokenizer size
+    num_layers: int = ranged(lo=1)
+    hidden_size: int = ranged(lo=1)
+    num_attention_heads: int = ranged(lo=1)
+    num_query_groups: int = ranged(lo=1)
+    ffn_hidden_size: int = ranged(lo=1)
+    vocab_size: int = ranged(lo=1)  # rows of the HF embedding (config.json vocab_size), not the tokenizer size
     tie_word_embeddings: bool
-    max_position_embeddings: int = 32768
-    rotary_base: float = 1_000_000.0
-    norm_eps: float = 1e-6
+    max_position_embeddings: int = ranged(32768, 1)
+    rotary_base: float = ranged(1_000_000.0, 0, lo_open=True)
+    norm_eps: float = ranged(1e-6, 0, lo_open=True)
     # Megatron pads embedding rows to a multiple of this; Qwen2.5's HF rows already are,
     # so the padded size equals the HF row count (never derive it from the tokenizer size).
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = ranged(128, 1)
 
     @property
     def kv_channels(self) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from megatron_cpt.config_loader import YamlDoc, build, read_yaml
+from megatron_cpt.config_ranges import ranged
 from megatron_cpt.errors import UsageError
 
 
@@ -40,8 +41,8 @@ class ModelSection:
 
 @dataclass
 class ParallelSection:
-    tp: int = 1
-    pp: int = 1
+    tp: int = ranged(1, 1)
+    pp: int = ranged(1, 1)
     sequence_parallel: bool = False   # with TP > 1: shard norms/dropout activations over TP
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False  # overlap DP grad reduce-scatter with the backward pass
@@ -53,7 +54,7 @@ class ParallelSection:
 class MemorySection:
     recompute: str | None = None      # null | selective (core attention) | full (whole layers)
     recompute_method: str = "uniform"  # full only: uniform | block
-    recompute_num_layers: int = 1     # full only: layers per recompute chunk (uniform) or count (block)
+    recompute_num_layers: int = ranged(1, 1)    # full only: layers per recompute chunk (uniform) or count (block)
 
 
 @dataclass
@@ -61,14 +62,14 @@ class PrecisionSection:
     dtype: str = "auto"           # auto: bfloat16 on GPU, float32 on CPU
     fp8: str | None = None        # null | hybrid | e4m3 (Transformer Engine only)
     fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
-    fp8_bf16_first_layers: int = 0  # keep the first N transformer layers in bf16
-    fp8_bf16_last_layers: int = 0   # keep the last N transformer layers in bf16
+    fp8_bf16_first_layers: int = ranged(0, 0) # keep the first N transformer layers in bf16
+    fp8_bf16_last_layers: int = ranged(0, 0)  # keep the last N transformer layers in bf16
 
 
 @dataclass
 class Prefix:
     prefix: str = ""
-    weight: float = 1.0
+    weight: float = ranged(1.0, 0, lo_open=True)  # sampling ratio (data.train)
     name: str = ""
 
 
@@ -76,48 +77,48 @@ class Prefix:
 class DataSection:
     train: list[Prefix] = field(default_factory=list)
     valid: list[Prefix] = field(default_factory=list)   # one per domain + a general one
-    seq_length: int = 4096
+    seq_length: int = ranged(4096, 1)
     cache_dir: str = ""           # default: RUN/data_cache
     check_hashes: bool = True     # sha256 of .bin/.idx against the manifest
 
 
 @dataclass
 class BatchSection:
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
+    micro_batch_size: int = ranged(1, 1)
+    global_batch_size: int = ranged(8, 1)
 
 
 @dataclass
 class OptimizerSection:
-    lr: float = 3e-5
-    min_lr: float = 3e-6
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = ranged(3e-5, 0, lo_open=True)
+    min_lr: float = ranged(3e-6, 0)
+    weight_decay: float = ranged(0.1, 0)
+    adam_beta1: float = ranged(0.9, 0, 1, hi_open=True)
+    adam_beta2: float = ranged(0.95, 0, 1, hi_open=True)
+    adam_eps: float = ranged(1e-8, 0, lo_open=True)
+    clip_grad: float = ranged(1.0, 0)   # 0: no clipping
 
 
 @dataclass
 class ScheduleSection:
-    warmup_fraction: float = 0.01     # of the run's iterations
+    warmup_fraction: float = ranged(0.01, 0, 1)    # of the run's iterations
     decay_style: str = "cosine"       # cosine | linear | WSD | constant
-    wsd_decay_fraction: float = 0.1   # WSD: final fraction of iterations spent decaying
+    wsd_decay_fraction: float = ranged(0.1, 0, 1)  # WSD: final fraction of iterations spent decaying
     wsd_decay_style: str = "linear"   # linear | cosine | exponential | minus_sqrt
 
 
 @dataclass
 class BudgetSection:
-    tokens: float | None = None       # exactly one of tokens / flops / iterations
-    flops: float | None = None
-    iterations: int | None = None
+    tokens: float | None = ranged(None, 0, lo_open=True)  # exactly one of tokens / flops / iterations
+    flops: float | None = ranged(None, 0, lo_open=True)
+    iterations: int | None = ranged(None, 1)
 
 
 @dataclass
 class CheckpointSection:
-    every_tokens: float | None = None  # save every N tokens (rounded up to whole iterations)
-    keep_last: int = 2                 # plus every checkpoint on the evaluation grid
-    keep_every_tokens: float | None = None  # evaluation grid: keep checkpoints at multiples of this
+    every_tokens: float | None = ranged(None, 0, lo_open=True) # save every N tokens (rounded up to whole iterations)
+    keep_last: int = ranged(2, 1)                # plus every checkpoint on the evaluation grid
+    keep_every_tokens: float | None = ranged(None, 0, lo_open=True) # evaluation grid: keep checkpoints at multiples of this
     save_at_end: bool = True
     # when the budget is spent, keep the optimizer state of the last keep_last checkpoints
     # (true: the run can be extended later) or drop it (false: every kept checkpoint becomes
@@ -142,35 +143,35 @@ LAYOUT_KEYS = ("tp", "pp", "sequence_parallel")  # parallel.* keys a resume may 
 class ValidationSection:
     """Validation loss on data.valid during training (lm-eval scoring is `eval run`)."""
 
-    interval_tokens: float | None = None  # validation loss every N tokens (None: only at the end)
-    iters: int = 4                        # micro batches per validation prefix
+    interval_tokens: float | None = ranged(None, 0, lo_open=True) # validation loss every N tokens (None: only at the end)
+    iters: int = ranged(4, 1)                       # micro batches per validation prefix
     at_end: bool = True
 
 
 @dataclass
 class LoggingSection:
-    interval: int = 1
+    interval: int = ranged(1, 1)
     tensorboard: bool = True
-    mfu_peak_tflops: float = 989.0    # per-GPU dense bf16 peak used for MFU (H100 SXM)
+    mfu_peak_tflops: float = ranged(989.0, 0, lo_open=True)   # per-GPU dense bf16 peak used for MFU (H100 SXM)
     log_sample_ids: bool = False      # write samples.jsonl (which samples each step consumed)
-    straggler_factor: float = 1.5     # a rank this many times slower than the median rank...
-    straggler_intervals: int = 3      # ...at this many logged steps in a row: a straggler event
+    straggler_factor: float = ranged(1.5, 1, lo_open=True)    # a rank this many times slower than the median rank...
+    straggler_intervals: int = ranged(3, 1)     # ...at this many logged steps in a row: a straggler event
 
 
 @dataclass
 class TrainSection:
-    seed: int = 1234
-    exit_before_walltime_min: float = 0.0  # save and exit this long before the SLURM time limit
-    stop_after_iterations: int | None = None  # run at most N iterations per launch, then save + exit for requeue
+    seed: int = ranged(1234, 0, 2**32 - 1)
+    exit_before_walltime_min: float = ranged(0.0, 0) # save and exit this long before the SLURM time limit
+    stop_after_iterations: int | None = ranged(None, 1) # run at most N iterations per launch, then save + exit for requeue
     on_nonfinite: str = "stop"     # NaN/Inf loss or grad norm: stop (exit 3) | skip (drop the update)
-    max_skipped_steps: int = 3     # skip: stop (exit 3) once a run has skipped more steps than this
-    spike_factor: float | None = None  # a `spike` event when loss > factor x mean of the last 50
+    max_skipped_steps: int = ranged(3, 0)    # skip: stop (exit 3) once a run has skipped more steps than this
+    spike_factor: float | None = ranged(None, 1, lo_open=True) # a `spike` event when loss > factor x mean of the last 50
     # hang watchdog: no step or save completed for this long -> stacks in RUN/hang/, exit 4 (0: off)
-    hang_timeout_min: float = 10.0
+    hang_timeout_min: float = ranged(10.0, 0)
     # torch.distributed timeout of every collective: above the longest checkpoint save and
     # above hang_timeout_min (so the watchdog reports a hang before a collective times out)
-    collective_timeout_min: float = 15.0
-    gc_interval: int | None = 100  # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
+    collective_timeout_min: float = ranged(15.0, 0, lo_open=True)
+    gc_interval: int | None = ranged(100, 0) # automatic GC off in steps, collect every N + at checkpoints/validation; null: Python's GC
 
 
 @dataclass
@@ -200,12 +201,14 @@ class TrainConfig:
         return build(cls, data or {}, doc)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+             origin: str = "command line") -> "TrainConfig":
+        """``origin`` names where ``overrides`` came from in errors about their values."""
         doc = read_yaml(path, "config")
         if not isinstance(doc.data, dict):
             raise doc.error((), "a training config must be a mapping of sections")
         for item in overrides:
-            apply_override(doc.data, item)
+            apply_override(doc, item, origin)
         cfg = cls.from_dict(doc.data, doc)
         cfg.resolve_paths(Path(path).parent)
         cfg.check()
@@ -257,6 +260,8 @@ class TrainConfig:
 
     # -- checks that need only the YAML ------------------------------------------------------
     def check(self) -> None:
+        """Checks across fields and of names; each number's own range is declared with its
+        field (``ranged``) and checked by the loader."""
         if not self.run_dir:
             raise UsageError("run_dir is not set; add `run_dir: PATH` or run_dir=PATH")
         if not self.model.pretrained:
@@ -264,15 +269,11 @@ class TrainConfig:
                              "(`megatron-cpt convert hf-to-mcore`)")
         if not self.data.train:
             raise UsageError("data.train is empty; list at least one {prefix, weight}")
-        if any(p.weight <= 0 for p in self.data.train):
-            raise UsageError("data.train weights must be > 0")
         b = self.budget
         given = [k for k in ("tokens", "flops", "iterations") if getattr(b, k) is not None]
         if len(given) != 1:
             raise UsageError(f"set exactly one of budget.tokens, budget.flops, budget.iterations "
                              f"(got {given or 'none'})")
-        if self.batch.micro_batch_size < 1 or self.batch.global_batch_size < 1:
-            raise UsageError("batch sizes must be >= 1")
         if self.schedule.decay_style not in ("cosine", "linear", "WSD", "constant"):
             raise UsageError(f"schedule.decay_style {self.schedule.decay_style!r} unknown; "
                              "choose cosine, linear, WSD or constant")
@@ -295,20 +296,10 @@ class TrainConfig:
         if self.model.cross_entropy_fusion not in (None, "native", "te", "off"):
             raise UsageError(f"model.cross_entropy_fusion {self.model.cross_entropy_fusion!r} unknown; "
                              "choose null (auto), native, te or off")
-        if self.train.gc_interval is not None and self.train.gc_interval < 0:
-            raise UsageError("train.gc_interval must be >= 0 (0: only at checkpoints/validation) or null")
-        if self.logging.interval < 1:
-            raise UsageError("logging.interval must be >= 1")
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise UsageError(f"train.on_nonfinite {self.train.on_nonfinite!r} unknown; "
                              "choose stop or skip")
-        if self.train.max_skipped_steps < 0:
-            raise UsageError("train.max_skipped_steps must be >= 0")
-        if self.train.spike_factor is not None and self.train.spike_factor <= 1:
-            raise UsageError(f"train.spike_factor {self.train.spike_factor} must be > 1 (or null)")
         self._check_health()
-        if self.checkpoint.keep_last < 1:
-            raise UsageError("checkpoint.keep_last must be >= 1")
         if self.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
             raise UsageError(f"checkpoint.optimizer_format {self.checkpoint.optimizer_format!r} "
                              f"unknown; choose {' or '.join(OPTIMIZER_FORMATS)}")
@@ -317,22 +308,16 @@ class TrainConfig:
             raise UsageError(f"data.valid names must be unique (got {names}); set name: per prefix")
 
     def _check_health(self) -> None:
-        t, lg = self.train, self.logging
-        if t.collective_timeout_min <= 0:
-            raise UsageError("train.collective_timeout_min must be > 0 (minutes a collective may wait)")
-        if t.hang_timeout_min < 0:
-            raise UsageError("train.hang_timeout_min must be >= 0 (0 turns the watchdog off)")
+        t = self.train
         if t.hang_timeout_min and t.hang_timeout_min >= t.collective_timeout_min:
             raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min:g}) must be below "
                              f"train.collective_timeout_min ({t.collective_timeout_min:g}), or a "
                              "hung collective times out before the watchdog reports it")
-        if lg.straggler_factor <= 1 or lg.straggler_intervals < 1:
-            raise UsageError("logging.straggler_factor must be > 1 and "
-                             "logging.straggler_intervals >= 1")
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """``a.b.c=value`` with ``value`` parsed as YAML (numbers, lists, null...)."""
+def apply_override(doc: YamlDoc, item: str, origin: str = "command line") -> None:
+    """``a.b.c=value`` with ``value`` parsed as YAML (numbers, lists, null...); an error in
+    the value later names this argument, not the YAML line it replaced."""
     if "=" not in item:
         raise UsageError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
@@ -340,10 +325,4 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UsageError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
+    doc.override(tuple(key.strip().split(".")), value, f"{origin} `{item}`")

@@ -69,8 +69,9 @@ def resolve_dtype(cfg: TrainConfig, cuda: bool) -> str:
     return cfg.precision.dtype
 
 
-def _layout(cfg: TrainConfig, model, world: int) -> tuple[int, int]:
-    """Data-parallel size and gradient accumulation steps of ``world`` ranks."""
+def check_layout(cfg: TrainConfig, model, world: int) -> tuple[int, int]:
+    """Data-parallel size and gradient accumulation steps of ``world`` ranks; refuses a layout
+    the launch cannot run. ``plan`` runs it too, so it never prices a run ``train`` refuses."""
     p, b = cfg.parallel, cfg.batch
     model.check_parallel(p.tp, p.pp)
     if world % (p.tp * p.pp):
@@ -187,7 +188,7 @@ def prepare(cfg: TrainConfig, world_size: int | None = None, force: bool = False
     world = world_size or world_size_from_env()
     ckpt = Path(cfg.model.pretrained)
     model = store.read_model_config(ckpt)
-    dp, accumulation = _layout(cfg, model, world)
+    dp, accumulation = check_layout(cfg, model, world)
     dtype = _precision(cfg, model)
     bud, keep, valid_every = _schedule(cfg, model)
     tok_dir = ckpt / store.TOKENIZER
