@@ -14,14 +14,23 @@ number of files or tasks.
 
 Outputs: ``OUT/<split>.jsonl`` (the input records in input order, one JSON object per line,
 with the id field filled in where the input had none: ``<file>@<offset>``) and
-``OUT/split.json`` (counts, drops by reason, the arguments). Unreadable records are counted
-per reason, as everywhere in data_prep, and written nowhere. Memory: 8 bytes per document.
+``OUT/split.json`` (counts, drops by reason, the arguments, ``files``). Unreadable records are
+counted per reason, as everywhere in data_prep, and written nowhere. Memory: 8 bytes per document.
+
+Nothing is lost on a bad call or a Ctrl-C: ``--output`` and the inputs are checked before
+anything is written (an input that is one of the files the split writes or removes is refused),
+the files are written under ``OUT/.split.partial/`` and renamed into ``OUT`` only when all are
+complete, ``split.json`` last. Re-splitting into the same folder removes the split files the
+previous ``split.json`` lists and this split does not write, so the folder holds exactly what
+``split.json`` lists; no other file in ``OUT`` is ever touched.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -83,28 +92,99 @@ def split(inputs, output_dir: str, sizes: dict[str, float], counts: bool = False
     _check(sizes, counts)
     if counts and rest in sizes:
         raise UsageError(f"--rest {rest!r} is also a counted split: name the remainder differently")
-    units = plan_units(expand_inputs(inputs), 1 << 62)
+    names = list(sizes) + ([rest] if counts else [])
+    bad = [n for n in names if not n or os.path.basename(n) != n or n.startswith(".")]
+    if bad:
+        raise UsageError(f"split name(s) {bad} must be plain file names (no '/', no leading '.')")
+    files = {n: f"{n}.jsonl" for n in names}
+    _check_output(output_dir)
+    stale = [f for f in previous_files(output_dir) if f not in files.values()]
+    paths = expand_inputs(inputs)
+    _check_inputs(paths, output_dir, [*files.values(), SUMMARY, *stale])
+    units = plan_units(paths, 1 << 62)
     drops = DropCounter()
     hashes = np.array([hash_unit(rec.id, salt) for u in units  # pass 1: ids only, in memory
                        for rec in RecordReader(text_field, id_field).read(u, drops)])
-    names = list(sizes) + ([rest] if counts else [])
     which = _assign(hashes, sizes, counts, rest)
-    os.makedirs(output_dir, exist_ok=True)
-    files = {n: open(os.path.join(output_dir, f"{n}.jsonl"), "w", encoding="utf-8") for n in names}
-    i = 0
-    for u in units:  # pass 2: stream the records to their split
-        for rec in RecordReader(text_field, id_field, keep_raw=True).read(u, DropCounter()):
-            obj = dict(rec.raw)
-            obj[id_field] = rec.id
-            files[names[which[i]]].write(json.dumps(obj, ensure_ascii=False) + "\n")
-            i += 1
-    for fh in files.values():
-        fh.close()
     summary = {"documents_in": len(hashes) + drops.total, "documents": {n: int((which == k).sum())
                                                                         for k, n in enumerate(names)},
                "dropped": drops.to_dict()["counts"], "dropped_examples": drops.to_dict()["examples"],
                "mode": "counts" if counts else "fractions", "sizes": sizes, "rest": rest if counts else None,
-               "salt": salt, "inputs": list(inputs), "id_field": id_field}
-    with open(os.path.join(output_dir, "split.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+               "salt": salt, "inputs": list(inputs), "id_field": id_field, "files": files}
+    stage = os.path.join(output_dir, STAGE)
+    try:
+        os.makedirs(stage, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {output_dir}: cannot create it ({exc.strerror}); "
+                         "choose a folder you can write") from None
+    try:
+        _write(units, stage, files, names, which, text_field, id_field, summary)
+        for name in files.values():
+            os.replace(os.path.join(stage, name), os.path.join(output_dir, name))
+        for name in stale:  # a previous split's file this split does not write
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))
+        # the summary last: it vouches for the files beside it
+        os.replace(os.path.join(stage, SUMMARY), os.path.join(output_dir, SUMMARY))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return summary
+
+
+SUMMARY = "split.json"
+STAGE = ".split.partial"  # written here, renamed into the folder only when complete
+
+
+def previous_files(output_dir: str) -> list[str]:
+    """The split files a previous split wrote into ``output_dir``, from its ``split.json``
+    (``files``, or ``<split>.jsonl`` per counted split for older summaries). Only plain
+    ``*.jsonl`` names in the folder itself: nothing else there is ever removed."""
+    try:
+        with open(os.path.join(output_dir, SUMMARY)) as fh:
+            old = json.load(fh)
+        listed = list((old.get("files") or {}).values()) or [f"{n}.jsonl" for n in old["documents"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [f for f in listed if isinstance(f, str) and f.endswith(".jsonl")
+            and os.path.basename(f) == f and not f.startswith(".")]
+
+
+def _check_output(output_dir: str) -> None:
+    """--output must be a folder or creatable as one (no file on its path)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(output_dir) else f"is under the file {path}"
+        raise UsageError(f"--output {output_dir} {what}, not a folder: choose a folder for the split")
+
+
+def _check_inputs(paths: list[str], output_dir: str, outputs: list[str]) -> None:
+    """An input the split would replace or remove is refused: it would be read while written."""
+    targets = {os.path.realpath(os.path.join(output_dir, f)): f for f in outputs}
+    for p in paths:
+        if "://" in p:
+            continue
+        if os.path.realpath(p) in targets:
+            raise UsageError(f"--input {p} is {targets[os.path.realpath(p)]} in --output {output_dir}, "
+                             "a file this split replaces or removes: write the split into another "
+                             "--output folder")
+
+
+def _write(units, stage: str, files: dict[str, str], names: list[str], which: np.ndarray,
+           text_field: str, id_field: str, summary: dict) -> None:
+    """Pass 2: stream the records to their split files under ``stage``, then the summary."""
+    handles = {n: open(os.path.join(stage, f), "w", encoding="utf-8") for n, f in files.items()}
+    try:
+        i = 0
+        for u in units:
+            for rec in RecordReader(text_field, id_field, keep_raw=True).read(u, DropCounter()):
+                obj = dict(rec.raw)
+                obj[id_field] = rec.id
+                handles[names[which[i]]].write(json.dumps(obj, ensure_ascii=False) + "\n")
+                i += 1
+    finally:
+        for fh in handles.values():
+            fh.close()
+    with open(os.path.join(stage, SUMMARY), "w") as fh:
+        json.dump(summary, fh, indent=2)

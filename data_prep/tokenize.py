@@ -6,6 +6,7 @@ or workers. Documents that cannot be used are counted per reason in the manifest
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from data_prep.executor import ExecutorConfig, UnitStep, run_units
 from data_prep.io import DEFAULT_UNIT_BYTES, DropCounter, RecordReader, expand_inputs, line_offsets, plan_units
 from data_prep.text_tokenizer import TextTokenizer
-from megatron_cpt.errors import UsageError
+from megatron_cpt.errors import Interrupted, UsageError
 
 
 class TokenizeStep(UnitStep):
@@ -137,11 +138,27 @@ def tokenize(inputs, tokenizer_path: str, output_prefix: str, workers: int = 1,
     # local: task logs inside the work folder (removed unless --keep-work); SLURM: next to the
     # output, since the merge job removes the work folder while datatrove still logs
     logs = os.path.join(work_dir, "logs") if executor.kind == "local" else prefix + ".slurm_logs"
-    done = run_units(step, len(units), run_cfg, logs, merge_fn=merge)
+    try:
+        done = run_units(step, len(units), run_cfg, logs, merge_fn=merge)
+    except KeyboardInterrupt:
+        raise Interrupted(_clean_interrupted(prefix, work_dir, keep_work)) from None
     if not done:
         return None
     with open(prefix + ".manifest.json") as fh:
         return json.load(fh)
+
+
+def _clean_interrupted(prefix: str, work_dir: str, keep_work: bool) -> str:
+    """Ctrl-C: remove the work folder (shards can be tens of GB) and any half-merged temporary
+    file; PREFIX.bin/.idx/.manifest.json are only ever replaced by rename, so they are either
+    the previous complete output or absent. Returns the one line the CLI prints."""
+    for tmp in (".bin.tmp", ".idx.tmp", ".manifest.json.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(prefix + tmp)
+    if keep_work:
+        return f"interrupted (SIGINT); kept {work_dir} (--keep-work); {prefix}.bin/.idx not written"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return f"interrupted (SIGINT); removed {work_dir}; {prefix}.bin/.idx not written"
 
 
 MAX_THREADS_PER_PROCESS = 4

@@ -80,6 +80,7 @@ def write_tasks(exams: list[Path], out: Path, num_fewshot: int = 5,
     prompts = {"mcf": prompt, "cf": cf_prompt}
     prompts = {form: prompts[form] for form in formulations}
     out = Path(out).resolve()
+    _check_names(exams)
     loaded = [(Path(p), load_exam(p)) for p in exams]
     stage = out.parent / f".{out.name}.partial"
     shutil.rmtree(stage, ignore_errors=True)
@@ -95,6 +96,18 @@ def write_tasks(exams: list[Path], out: Path, num_fewshot: int = 5,
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return names
+
+
+def _check_names(exams: list[Path]) -> None:
+    """Tasks and data files are named by the exam file's stem: two exams with one stem would
+    overwrite each other's files (one's val set scored with the other's dev shots)."""
+    seen: dict[str, Path] = {}
+    for p in map(Path, exams):
+        if p.stem in seen:
+            same = " (the same file twice)" if p.resolve() == seen[p.stem].resolve() else ""
+            raise UsageError(f"exams {seen[p.stem]} and {p} share the name {p.stem!r}{same}: tasks "
+                             "are named by the file name (mcpt_<name>_<split>); rename one")
+        seen[p.stem] = p
 
 
 def _write_exam(exam_path: Path, items, stage: Path, out: Path, num_fewshot: int,

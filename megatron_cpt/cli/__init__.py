@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_cpt.errors import UsageError
+from megatron_cpt.errors import Interrupted, UsageError
 
 # (module, what it does) in pipeline order; modules are imported lazily per subcommand.
 STAGES = {
@@ -51,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
+    except (UsageError, Interrupted) as exc:
         print(f"megatron-cpt {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a stage without its own cleanup: still one line, not a traceback
+        print(f"megatron-cpt {args.stage}: error: interrupted (SIGINT)", file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from megatron_cpt.config_ranges import arg_range
@@ -21,6 +22,9 @@ def register(sub, name: str, help_text: str) -> None:
     r = lsub.add_parser("render-sbatch", help="write slurm/cpt_<size>_<corpus>.sh for every cell")
     r.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study YAML (configs/study.yaml)")
     r.add_argument("--out", type=Path, default=Path("slurm"), help="folder for the scripts")
+    r.add_argument("--skip-refused", action="store_true",
+                   help="write the cells that fit and name the refused ones (default: a refused "
+                   "cell writes nothing, exit 2)")
     r.set_defaults(func=_render)
 
     g = lsub.add_parser("grid", help="submit the grid (submitit): arrays per size, eval afterok")
@@ -45,12 +49,22 @@ def register(sub, name: str, help_text: str) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from megatron_cpt.launch.sbatch import render_all
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.launch.sbatch import render_cells, write_scripts
     from megatron_cpt.launch.study import StudyConfig
 
     study = StudyConfig.load(args.study, use_env=False)
-    written = render_all(study, args.out)
+    rendering = render_cells(study)
+    if rendering.refused and not args.skip_refused:
+        raise UsageError(rendering.refusal())
+    written = write_scripts(rendering.scripts, args.out)
     print(f"wrote {len(written)} scripts to {args.out}/: " + " ".join(p.name for p in written))
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in rendering.refused.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():  # --skip-refused: say what is not there, and why
+        print(f"megatron-cpt launch: warning: skipped {len(names)} refused cell(s) "
+              f"{' '.join(names)}: {reason}", file=sys.stderr)
     return 0
 
 

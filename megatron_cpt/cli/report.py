@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from megatron_cpt.config_ranges import arg_range
@@ -15,9 +16,12 @@ def register(sub, name: str, help_text: str) -> None:
         "with bootstrap CIs over exam questions. Definitions: docs/report.md."))
     p.add_argument("--study", type=Path, required=True, help="study folder")
     p.add_argument("--out", type=Path, help="output folder (default STUDY/report)")
-    p.add_argument("--bootstrap", **arg_range(int, 1), default=1000,
+    p.add_argument("--bootstrap", **arg_range(int, 0), default=1000,
                    help="bootstrap replicates over exam questions (0: no CIs)")
     p.add_argument("--seed", **arg_range(int, 0), default=0, help="bootstrap seed")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2, nothing written) when an eval file cannot be read; by "
+                   "default it is skipped and named on stderr and in report.md's notes")
     p.set_defaults(func=_run)
 
 
@@ -29,7 +33,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
     out = args.out or args.study / "report"
-    results = build_report(args.study, out, bootstrap=args.bootstrap, seed=args.seed)
+    results = build_report(args.study, out, bootstrap=args.bootstrap, seed=args.seed,
+                           strict=args.strict)
+    if results["skipped"]:  # a skipped point moves SGER and the fits: say so where it is seen
+        print(f"megatron-cpt report: warning: skipped {len(results['skipped'])} unreadable eval "
+              f"file(s) (--strict refuses them): {', '.join(results['skipped'])}", file=sys.stderr)
     print(out / "report.md")
     print(summary_table(results))
     if results["missing"]:

@@ -8,9 +8,11 @@ environment variable without editing the script.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from megatron_cpt import run_folder as rf
+from megatron_cpt.errors import UsageError
 from megatron_cpt.launch.capacity import check_memory
 from megatron_cpt.launch.study import REPO_ROOT, Cell, StudyConfig, check_resources
 from megatron_cpt.runtime.cuda_connections import shell_export
@@ -128,13 +130,49 @@ def _rel_default(path: Path) -> str:
     return _in_repo(path).replace("$REPO/", "")
 
 
-def render_all(study: StudyConfig, out_dir: Path) -> list[Path]:
-    """Write every cell's script into ``out_dir``; returns the paths written."""
+@dataclasses.dataclass
+class Rendering:
+    """Every cell's script text, and the cells refused (script name -> the one-line reason)."""
+
+    scripts: dict[str, str]
+    refused: dict[str, str]
+
+    def refusal(self) -> str:
+        """The one line for a grid with refused cells: the first reason, then the count."""
+        first = next(iter(self.refused.values()))
+        total = len(self.scripts) + len(self.refused)
+        return (f"{first} [{len(self.refused)} of {total} cells refused, no script written: fix "
+                f"the study, or --skip-refused writes the other {len(self.scripts)}]")
+
+
+def render_cells(study: StudyConfig) -> Rendering:
+    """Render every cell in memory; a refused cell (resources, memory) is collected, not raised,
+    so the caller decides before writing anything."""
+    scripts, refused = {}, {}
+    for cell in study.cells():
+        try:
+            scripts[script_name(cell)] = render(cell)
+        except UsageError as exc:
+            refused[script_name(cell)] = str(exc)
+    return Rendering(scripts, refused)
+
+
+def write_scripts(scripts: dict[str, str], out_dir: Path) -> list[Path]:
+    """Write the rendered scripts into ``out_dir`` (executable); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for cell in study.cells():
-        path = out_dir / script_name(cell)
-        path.write_text(render(cell))
+    for name, text in scripts.items():
+        path = out_dir / name
+        path.write_text(text)
         path.chmod(0o755)
         written.append(path)
     return written
+
+
+def render_all(study: StudyConfig, out_dir: Path, skip_refused: bool = False) -> list[Path]:
+    """Write every cell's script into ``out_dir``; returns the paths written. All or nothing:
+    a refused cell raises UsageError before any file is written, unless ``skip_refused``."""
+    rendering = render_cells(study)
+    if rendering.refused and not skip_refused:
+        raise UsageError(rendering.refusal())
+    return write_scripts(rendering.scripts, out_dir)

@@ -50,18 +50,27 @@ DEFINITIONS = {
 
 
 def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 1000,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, strict: bool = False) -> dict:
     """Analyze the study at ``study_dir``, write report.md/.html, results.json and PNGs into
-    ``out_dir`` (default STUDY/report). Returns the results.json dict."""
+    ``out_dir`` (default STUDY/report). Returns the results.json dict (``skipped``: the eval
+    files that could not be read). ``strict``: an unreadable eval file is a UsageError raised
+    before anything is written, since a skipped point silently moves SGER and the fits."""
+    from megatron_cpt.errors import UsageError
     from megatron_cpt.report import plots, render
     from megatron_cpt.report.load import load_study
 
     study_dir = Path(study_dir)
     study = load_study(study_dir, splits=("val", "test"))
+    if strict and study.skipped:
+        path, why = next(iter(study.skipped.items()))
+        more = f" (and {len(study.skipped) - 1} more)" if len(study.skipped) > 1 else ""
+        raise UsageError(f"{path}: unreadable ({why}){more}; --strict refuses a study with a "
+                         "skipped eval file: re-run `megatron-cpt eval run` for it, or drop --strict")
     out = Path(out_dir) if out_dir is not None else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     results = analyze(study, bootstrap, seed)
     results["study_dir"] = str(study_dir)
+    results["skipped"] = dict(study.skipped)
     results["plots"] = [p.name for p in plots.all_plots(study, results["cells"], out)]
     render.write_all(results, out)
     return results

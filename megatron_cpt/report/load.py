@@ -2,7 +2,9 @@
 
 Everything downstream works on these in-memory objects, so tests can build studies without
 disk and the analysis never touches file formats. Nothing here raises on a partial study:
-what is absent is recorded in ``Study.missing`` (and ``Study.notes``) for the report.
+what is absent is recorded in ``Study.missing`` (and ``Study.notes``) for the report, and an
+eval file that cannot be read in ``Study.skipped`` (the CLI names those on stderr; ``--strict``
+refuses them).
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ class Study:
     controls: list[str] = field(default_factory=list)  # domains with a control_<domain> cell
     primary: dict = field(default_factory=dict)  # study.json primary_formulation setting
     chance: dict[str, float] = field(default_factory=dict)  # task -> mean 1 / choices
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable eval file -> why
 
     def run(self, size: str, cell: str) -> Run | None:
         return self.runs.get(f"{size}/{cell}")
@@ -148,7 +151,8 @@ def _params_from_config(run_dir: Path, notes: list[str]) -> float | None:
         return None
 
 
-def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int, Path]]:
+def _read_points(run_dir: Path, notes: list[str], skipped: dict[str, str]
+                 ) -> tuple[list[Point], dict[int, Path]]:
     points, questions = [], {}
     run = RunFolder(run_dir)
     for file_it, f in run.eval_results().items():
@@ -156,6 +160,7 @@ def _read_points(run_dir: Path, notes: list[str]) -> tuple[list[Point], dict[int
             rec = json.loads(f.read_text())
         except (OSError, ValueError) as exc:
             notes.append(f"{f}: unreadable ({exc}); skipped")
+            skipped[str(f)] = str(exc)
             continue
         it = int(rec.get("iteration", file_it))
         valid = {k: float(v["loss"]) for k, v in (rec.get("valid") or {}).items()
@@ -236,8 +241,8 @@ def _discover(root: Path) -> tuple[dict, list[dict], list[str]]:
     return spec, cells, notes
 
 
-def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: list[str]
-               ) -> tuple[dict[str, Run], dict[str, dict[int, Path]]]:
+def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: list[str],
+               skipped: dict[str, str]) -> tuple[dict[str, Run], dict[str, dict[int, Path]]]:
     """Each cell's run with its scored points; fills ``size_params`` from the runs' configs."""
     runs: dict[str, Run] = {}
     qfiles: dict[str, dict[int, Path]] = {}
@@ -253,7 +258,7 @@ def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: 
             params = _params_from_config(rd, notes)
         if params is not None and size_params.get(c["size"]) is None:
             size_params[c["size"]] = float(params)
-        points, qf = _read_points(rd, notes)
+        points, qf = _read_points(rd, notes, skipped)
         if not points:
             missing.append(f"{key}: no evaluations (no {EVAL_DIR}/<iteration>.json)")
         elif all(p.iteration == 0 for p in points):
@@ -309,7 +314,8 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
     size_params: dict[str, float | None] = {}
     for size, v in (spec.get("sizes") or {}).items():
         size_params[str(size)] = (v or {}).get("params") if isinstance(v, dict) else None
-    runs, qfiles = _read_runs(cells, size_params, missing, notes)
+    skipped: dict[str, str] = {}
+    runs, qfiles = _read_runs(cells, size_params, missing, notes, skipped)
 
     domains = list(spec.get("domains") or [])
     for c in cells:
@@ -330,4 +336,4 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
     question_ids, chance = _align_correct(runs, qfiles, splits)
     return Study(str(spec.get("name") or root.name), root, runs, sizes, domains, missing,
                  notes, question_ids, sorted(controls), spec.get("primary_formulation") or {},
-                 chance)
+                 chance, skipped)

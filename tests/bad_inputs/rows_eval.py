@@ -20,8 +20,18 @@ def _bad_exam_existing_out(ctx: Ctx) -> list[str]:
     return _bad_exam(ctx)
 
 
+def _two_exams_one_name(ctx: Ctx) -> list[str]:
+    """Another exam saved as legal.jsonl in another folder: once mixed silently with the first."""
+    other = ctx.tmp / "other" / "legal.jsonl"
+    other.parent.mkdir()
+    other.write_text(REPO.joinpath("eval", "exams", "medical.jsonl").read_text())
+    return ["eval", "tasks", "--exams", str(EXAM), str(other), "--out", str(ctx.tmp / "tasks")]
+
+
 ROWS = [
     Row("eval-tasks-bad-exam", _bad_exam, ("broken.jsonl:2: invalid JSON",)),
     Row("eval-tasks-bad-exam-existing-out", _bad_exam_existing_out,
         ("broken.jsonl:2: invalid JSON",)),
+    Row("eval-tasks-two-exams-one-name", _two_exams_one_name,
+        (str(EXAM), "other/legal.jsonl", "share the name 'legal'", "rename one")),
 ]
