@@ -255,3 +255,41 @@ def test_node_lost_mid_run(mn_study, reference):
     assert _losses(run) == reference, "losses after the node loss differ from the uninterrupted run"
     print(f"node lost (kill -9 of {len(victims)} processes on mcpt-n2): job instance ended "
           f"{to_end:.1f} s later, resumed at iteration 10 {to_resume:.1f} s after the kill")
+
+
+def _jobs_after(first_id: int) -> list[dict]:
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    jobs = [dict(t.split("=", 1) for t in line.split() if "=" in t) for line in out.splitlines()]
+    return [j for j in jobs if j.get("JobId", "").isdigit() and int(j["JobId"]) > first_id]
+
+
+def test_tokenize_on_slurm_arrays_across_both_nodes_equals_local(tmp_path, toy):
+    """`prep tokenize --executor slurm`: the array's units run on both nodes (data and output
+    on the shared filesystem) and the merged .bin/.idx are byte-identical to a local run."""
+    import hashlib
+    import random
+
+    from megatron_cpt.cli import main
+
+    rng = random.Random(3)
+    words = ["contract", "court", "patient", "ledger", "audit", "the", "of", "clause", "dose"]
+    docs = tmp_path / "docs.jsonl"
+    with docs.open("w") as fh:
+        for i in range(600):
+            fh.write(json.dumps({"id": str(i), "text": " ".join(rng.choice(words)
+                                                                for _ in range(rng.randint(20, 60)))}) + "\n")
+    common = ["prep", "tokenize", "--input", str(docs), "--tokenizer", str(toy["tokenizer"]),
+              "--unit-mb", "0.02"]
+    assert main([*common, "--output-prefix", str(tmp_path / "local")]) == 0
+    last = max([int(j["JobId"]) for j in _jobs_after(0)] or [0])
+    assert main([*common, "--output-prefix", str(tmp_path / "slurm"), "--executor", "slurm",
+                 "--slurm-partition", "debug", "--slurm-cpus", "1", "--slurm-time", "00:10:00"]) == 0
+    deadline = time.time() + 600
+    while not (tmp_path / "slurm.manifest.json").exists():
+        assert time.time() < deadline, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        time.sleep(1)
+    for ext in (".bin", ".idx"):
+        a, b = (hashlib.sha256((tmp_path / (n + ext)).read_bytes()).hexdigest() for n in ("local", "slurm"))
+        assert a == b, ext
+    hosts = {j.get("BatchHost") for j in _jobs_after(last)}
+    assert set(NODES) <= hosts, hosts
