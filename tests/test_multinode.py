@@ -293,3 +293,22 @@ def test_tokenize_on_slurm_arrays_across_both_nodes_equals_local(tmp_path, toy):
         assert a == b, ext
     hosts = {j.get("BatchHost") for j in _jobs_after(last)}
     assert set(NODES) <= hosts, hosts
+
+
+def test_submitit_grid_cell_on_two_nodes(mn_study, reference, monkeypatch):
+    """`launch grid` (submitit) of the two-node cell: its ranks rendezvous at the first host
+    submitit names, run on both nodes and reproduce the one-host losses."""
+    from megatron_cpt.cli import main
+
+    study_dir = mn_study["root"] / "grid"
+    monkeypatch.setenv("MCPT_STUDY_DIR", str(study_dir))
+    assert main(["launch", "grid", "--study", str(mn_study["path"]), "--domains", "legal",
+                 "--no-eval"]) == 0
+    entry = json.loads((study_dir / "launches.json").read_text())["tiny-b/legal"]
+    job = _wait(entry["train_job"])
+    run = study_dir / "runs" / "tiny-b" / "legal"
+    assert job["JobState"] == "COMPLETED", (job, _records(run)[-3:])
+    where = json.loads((run / "run.json").read_text())["placement"]
+    assert where["hosts"] == list(NODES), where
+    assert [r["host"] for r in where["ranks"]] == ["mcpt-n1", "mcpt-n1", "mcpt-n2", "mcpt-n2"]
+    assert _losses(run) == reference, "grid losses on two nodes differ from the one-host run"
