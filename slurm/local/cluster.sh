@@ -185,6 +185,7 @@ make_network() {
     ip addr add "$SUBNET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
   fi
+  if [ ! -d /etc/netns ]; then mkdir /etc/netns; made "etc /etc/netns"; fi
   for k in $(seq 1 "$NODES"); do
     ns="$(node_name "$k")"
     if ! ip netns list | grep -qw "^$ns"; then
@@ -279,7 +280,10 @@ stop_multi() {
     case "$kind" in
       netns) ip netns del "$name" 2>/dev/null || true ;;
       link) ip link del "$name" 2>/dev/null || true ;;
-      etc) case "$name" in /etc/netns/mcpt-n[0-9]*) rm -rf "$name" ;; esac ;;
+      etc) case "$name" in
+             /etc/netns/mcpt-n[0-9]*) rm -rf "$name" ;;
+             /etc/netns) rmdir "$name" 2>/dev/null || true ;;  # only if empty
+           esac ;;
     esac
   done
   rm -f "$DIR/made.txt"
