@@ -30,10 +30,12 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
 	touch $(STAMP)
 
-# A real one-node SLURM cluster for the launch tests (installs slurm-wlm + munge from Debian
-# when missing; needs root). If it cannot start, tests/test_slurm.py fails with the reason.
+# A real one-node SLURM cluster for the launch tests and a two-node one (network namespaces)
+# for tests/test_multinode.py (installs slurm-wlm + munge from Debian when missing; needs root).
+# If one cannot start, its tests fail with the reason.
 slurm-up:
 	-bash slurm/local/cluster.sh start
+	-bash slurm/local/cluster.sh start --nodes 2
 
 test: setup setup-nemo slurm-up
 	$(BIN)/python -m pytest -q tests

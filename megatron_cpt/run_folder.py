@@ -3,7 +3,8 @@
 Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
 
     config.yaml              the resolved training config (``TrainConfig.to_dict()``)
-    run.json                 config hash, world size, DP, budget, code provenance (every start)
+    run.json                 config hash, world size, DP, budget, code provenance, placement
+                             (each rank's host and node) (every start)
     metrics.jsonl            append-only log of train / valid / event records (rank 0)
     exit_status.json         the trainer's verdict: {code, iteration, iterations, reason};
                              code null / reason "running" from launch start to the verdict

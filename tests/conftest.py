@@ -113,3 +113,25 @@ def slurm_cluster():
     conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
     os.environ["SLURM_CONF"] = conf
     return conf
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2n():
+    """Start (or reuse) the two-node cluster (one network namespace and hostname per node,
+    slurm/local/cluster.sh --nodes 2); fail, never skip, when it cannot start. Its SLURM_CONF
+    is returned, not exported: the one-node cluster's tests keep theirs. A cluster this
+    fixture started is stopped (namespaces, bridge and all) at the end of the session."""
+    cmd = ["bash", str(SLURM_CLUSTER)]
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    was_up = subprocess.run(cmd + ["status", "--nodes", "2"], capture_output=True, env=env,
+                            timeout=60).returncode == 0
+    try:
+        proc = subprocess.run(cmd + ["start", "--nodes", "2"], capture_output=True, text=True,
+                              env=env, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail("two-node SLURM cluster: `cluster.sh start --nodes 2` took over 15 minutes")
+    if proc.returncode != 0:
+        pytest.fail(f"two-node SLURM cluster did not start: {proc.stderr.strip()[-1500:]}")
+    yield proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    if not was_up:
+        subprocess.run(cmd + ["stop", "--nodes", "2"], env=env, timeout=120)

@@ -60,6 +60,23 @@ def read_dist_env() -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
 
 
+def placement() -> dict:
+    """Where every rank runs (collective): ``hosts`` in node order and per rank its host,
+    SLURM node index and local rank, so a multi-node run's record says which rank ran on
+    which node (a hang or a lost node is then traced to a host)."""
+    env = os.environ
+    mine = {"host": socket.gethostname(),
+            "node_id": int(env.get("SLURM_NODEID", env.get("GROUP_RANK", 0))),
+            "local_rank": int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))}
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    hosts = []
+    for r in ranks:
+        if r["host"] not in hosts:
+            hosts.append(r["host"])
+    return {"hosts": hosts, "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
                      timeout_min: float = 15.0) -> DistEnv:
     """Initialize torch.distributed (NCCL on GPU, gloo on CPU), Megatron's model-parallel

@@ -143,7 +143,10 @@ def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
     once) and the code (noting a resume that runs other code), marks the launch running,
     removes half-written checkpoints and points ``latest`` at an explicit ``--resume-from``;
     all wait."""
+    from megatron_cpt.runtime.distributed import placement
+
     run = RunFolder(plan.cfg.run_dir)
+    where = placement()
     if dist.get_rank() == 0:
         code, before = provenance.provenance(), run.run_info() or {}
         changed = provenance.differences(before.get("provenance"), code)
@@ -152,7 +155,8 @@ def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
         run.write_config(plan.cfg.to_dict())
         run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
                             "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup,
-                            "provenance": code, "layouts": _layout_history(plan, before)})
+                            "provenance": code, "layouts": _layout_history(plan, before),
+                            "placement": where})
         run.write_running(plan.resume.iteration, plan.budget.iterations)
         if startup is not None:
             event(startup_record.format_record(startup))
