@@ -119,6 +119,40 @@ def test_sigterm_and_relaunch_log_each_iteration_once_to_one_run(toy, untracked,
     all_steps = [r["_step"] for r in rows]
     assert all_steps == sorted(all_steps)  # never a step that goes back
 
+    # `eval run` scores of the checkpoint of iteration 3, after training went to 6: same run
+    from megatron_cpt.run_folder import RunFolder
+    from megatron_cpt.training.tracking import EvalTracking
+
+    for key, value in env.items():  # this process is the eval one now
+        monkeypatch.setenv(key, value)
+    warned = []
+    tracked = EvalTracking(RunFolder(run_dir), warn=warned.append)
+    tracked.log({"iteration": 3, "exams": {"legal": {"test": {"acc": 0.25, "n": 8}}},
+                 "valid": {"legal": {"loss": 2.5, "ppl": 12.2}}})
+    tracked.close()
+    assert warned == [] and len(client.search_runs([exp.experiment_id])) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(mid, "eval/legal/test/acc")] \
+        == [(3, 0.25)]
+    assert client.get_run(mid).info.status == "FINISHED"
+    rows, files = _wandb_history(Path(env["WANDB_DIR"]), rid)
+    assert len(files) == 3
+    assert [(r["eval/iteration"], r["eval/legal/test/acc"], r["eval/valid/legal/loss"])
+            for r in rows if "eval/iteration" in r] == [(3, 0.25, 2.5)]
+
+
+def test_study_cells_share_one_group_and_carry_their_tags():
+    from megatron_cpt.launch.study import StudyConfig
+
+    study = StudyConfig.load(Path(__file__).parents[1] / "configs" / "study-demo.yaml")
+    seen = set()
+    for cell in study.cells():
+        lg = cell.train_config().logging
+        assert lg.wandb.group == study.name and lg.mlflow.experiment == study.name
+        assert lg.tags == {"study": study.name, "size": cell.size.name, "cell": cell.corpus,
+                           "kind": cell.kind, "domain": cell.domain or "general"}
+        seen.add(lg.tags["kind"])
+    assert seen == {"general", "domain", "control"}
+
 
 def test_tracker_that_cannot_start_is_one_event_and_changes_no_loss(toy, untracked, tmp_path):
     blocker = tmp_path / "not-a-dir"

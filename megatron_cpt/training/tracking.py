@@ -98,7 +98,7 @@ class RunInfo:
 class WandbBackend:
     name = "wandb"
 
-    def __init__(self, cfg, info: RunInfo):
+    def __init__(self, cfg, info: RunInfo, params: bool = True):
         import wandb
 
         kwargs = {} if os.environ.get("WANDB_DIR") else {"dir": str(info.run_dir)}
@@ -109,10 +109,18 @@ class WandbBackend:
             tags=[f"{k}:{v}" for k, v in info.tags.items()],
             config={**info.config, "tags": info.tags}, reinit="create_new",
             settings=wandb.Settings(console="off", init_timeout=120, silent=True), **kwargs)
-        self.run.config.update(info.config, allow_val_change=True)  # a resume: this launch's
+        if params:
+            self.run.config.update(info.config, allow_val_change=True)  # a resume: this launch's
 
     def log(self, step: int, vals: dict[str, float]) -> None:
         self.run.log(vals, step=step)
+
+    def log_eval(self, step: int, vals: dict[str, float]) -> None:
+        """Scores of a checkpoint training went past: on their own axis ``eval/iteration``
+        (W&B drops steps that go back)."""
+        self.run.define_metric("eval/iteration")
+        self.run.define_metric("eval/*", step_metric="eval/iteration")
+        self.run.log({**vals, "eval/iteration": step})
 
     def close(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
@@ -121,7 +129,7 @@ class WandbBackend:
 class MlflowBackend:
     name = "mlflow"
 
-    def __init__(self, cfg, info: RunInfo):
+    def __init__(self, cfg, info: RunInfo, params: bool = True):
         from mlflow.tracking import MlflowClient
 
         uri = cfg.tracking_uri
@@ -130,6 +138,7 @@ class MlflowBackend:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server: fail fast
         self.client = client = MlflowClient(tracking_uri=uri)
         self.run_id = find_mlflow_run(client, cfg.experiment, info.run_id)
+        self._resumed_status = None  # eval run: leave the training run's status as it was
         if self.run_id is None:
             exp = client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
@@ -137,8 +146,11 @@ class MlflowBackend:
                 MLFLOW_RUN_TAG: info.run_id, **info.tags,
                 **({"group": info.group} if info.group else {})}).info.run_id
         else:
+            if not params:
+                self._resumed_status = client.get_run(self.run_id).info.status
             client.update_run(self.run_id, status="RUNNING")
-        self._log_params(info)
+        if params:
+            self._log_params(info)
 
     def _log_params(self, info: RunInfo) -> None:
         """Params are write-once in MLflow: new keys only; each launch's config and run.json
@@ -159,8 +171,11 @@ class MlflowBackend:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in vals.items()])
 
+    log_eval = log  # MLflow takes any step
+
     def close(self, exit_code: int) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if exit_code == 0 else "KILLED")
+        status = self._resumed_status or ("FINISHED" if exit_code == 0 else "KILLED")
+        self.client.set_terminated(self.run_id, status)
 
 
 def find_mlflow_run(client, experiment: str, rid: str) -> str | None:
@@ -231,10 +246,65 @@ class Tracking:
                     "event": "tracking_disabled", "details": f"{name}: {what}: {why[:300]}"})
 
 
+def eval_values(result: dict) -> dict[str, float]:
+    """An ``eval run`` result (RUN/eval/<iteration>.json) as tracker keys:
+    ``eval/<exam>/<split>/<metric>`` and ``eval/valid/<prefix>/<metric>``."""
+    out: dict[str, float] = {}
+    for exam, splits in (result.get("exams") or {}).items():
+        for split, metrics in splits.items():
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"eval/{exam}/{split}/{k}"] = float(v)
+    for prefix, metrics in (result.get("valid") or {}).items():
+        for k, v in (metrics.items() if isinstance(metrics, dict) else [("loss", metrics)]):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"eval/valid/{prefix}/{k}"] = float(v)
+    return out
+
+
+class EvalTracking:
+    """``eval run``'s scores into the training run's tracked run (when the run's config turns a
+    tracker on), each at its checkpoint's iteration. A tracker that fails: one warning."""
+
+    def __init__(self, run: RunFolder, warn: Callable[[str], None]):
+        self._warn, self.backends = warn, []
+        cfg = run.train_config() if run.config_path.is_file() else None
+        if cfg is None or not enabled(cfg.logging) or not (run.run_info() or {}).get(RUN_ID_KEY):
+            return
+        info = run_info(run, cfg.logging)
+        for name, section, on in (("wandb", cfg.logging.wandb, cfg.logging.wandb.project),
+                                  ("mlflow", cfg.logging.mlflow, cfg.logging.mlflow.tracking_uri)):
+            if on:
+                try:
+                    self.backends.append(BACKENDS[name](section, info, params=False))
+                except Exception as exc:  # noqa: BLE001
+                    warn(f"WARNING: {name} tracking could not start ({type(exc).__name__}: "
+                         f"{exc}); scores are in RUN/eval only")
+
+    def log(self, result: dict) -> None:
+        vals = eval_values(result)
+        for backend in list(self.backends):
+            try:
+                backend.log_eval(int(result["iteration"]), vals)
+            except Exception as exc:  # noqa: BLE001
+                self.backends.remove(backend)
+                self._warn(f"WARNING: {backend.name} tracking failed ({type(exc).__name__}: "
+                           f"{exc}); scores are in RUN/eval only")
+
+    def close(self) -> None:
+        for backend in self.backends:
+            try:
+                backend.close(0)
+            except Exception:  # noqa: BLE001 - scores are on disk already
+                pass
+        self.backends = []
+
+
 def run_info(run: RunFolder, logging_cfg) -> RunInfo:
     """The tracked run of ``run``: its id, name, group, tags and config (config.yaml + run.json)."""
-    info = run.run_info() or {}
-    return RunInfo(run_id=info.get(RUN_ID_KEY) or run_id(run), name=run.path.name,
-                   group=logging_cfg.wandb.group, tags=dict(logging_cfg.tags),
+    info, tags = run.run_info() or {}, dict(logging_cfg.tags)
+    name = f"{tags['size']}/{tags['cell']}" if "size" in tags and "cell" in tags else run.path.name
+    return RunInfo(run_id=info.get(RUN_ID_KEY) or run_id(run), name=name,
+                   group=logging_cfg.wandb.group, tags=tags,
                    config={"config": run.config_dict() if run.config_path.is_file() else {},
                            "run": info}, run_dir=run.path)
