@@ -166,3 +166,17 @@ def test_tracker_that_cannot_start_is_one_event_and_changes_no_loss(toy, untrack
     assert disabled[0]["iteration"] == 0
     warnings = [ln for ln in proc.stderr.splitlines() if "mlflow tracking" in ln]
     assert len(warnings) == 1 and "training goes on" in warnings[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logging.wandb.mode=cloud", "logging.wandb.mode 'cloud' unknown; choose online or offline"),
+    ("logging.mlflow.tracking_uri=ftp://host/x", "logging.mlflow.tracking_uri 'ftp://host/x': "
+     "scheme unknown"),
+])
+def test_tracking_settings_are_checked_with_the_config(override, message):
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.training.config import TrainConfig
+
+    with pytest.raises(UsageError) as err:
+        TrainConfig.load(Path(__file__).parents[1] / "configs" / "train" / "tiny-cpu.yaml", [override])
+    assert str(err.value).startswith(message)
