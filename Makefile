@@ -27,7 +27,7 @@ $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,eval,tracking]'
 	touch $(STAMP)
 
 # A real one-node SLURM cluster for the launch tests and a two-node one (network namespaces)

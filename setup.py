@@ -41,6 +41,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "eval": ["lm-eval[hf]"],
         "test": ["pytest"],
+        # experiment tracking (logging.wandb / logging.mlflow); mlflow-skinny is MLflow's
+        # client with the local file store, without the server's dependencies
+        "tracking": ["wandb", "mlflow-skinny"],
     },
     entry_points={"console_scripts": ["megatron-cpt=megatron_cpt.cli:main"]},
 )

@@ -16,6 +16,7 @@ from pathlib import Path
 from megatron_cpt.checkpoint import store
 from megatron_cpt.errors import UsageError
 from megatron_cpt.run_folder import RunFolder
+from megatron_cpt.training.tracking import EvalTracking
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
     scored = []
     manager = task_manager(tasks_dir, tasks) if points else None  # built once per run
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tracked = EvalTracking(run, warn=_warn) if points and rank0 else None
     for point in tqdm(points, desc="checkpoints", unit="ckpt", disable=not rank0):
         result = evaluate_checkpoint(point.ckpt, tasks_dir, tasks, tp=tp, pp=pp,
                                      batch_size=batch_size, limit=limit, keep_model=True,
@@ -163,6 +165,16 @@ def evaluate_run(run_dir: Path, tasks_dir: Path, tasks: list[str], selection: st
                     for rec in recs:
                         f.write(json.dumps({"task": task, **rec}) + "\n")
             write_json(run.eval_result(point.iteration), record)  # last: marks it done
+            if tracked is not None:
+                tracked.log(record)
         dist.barrier()
         scored.append(point.iteration)
+    if tracked is not None:
+        tracked.close()
     return scored
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr, flush=True)

@@ -26,6 +26,8 @@ LAYERS = {  # path prefix (relative to the repo) -> layer; the longest matching 
     "megatron_cpt/checkpoint/": 0,
     # the typed schema of a run folder's config.yaml: read by run_folder (ground) and by eval
     "megatron_cpt/training/config.py": 0,
+    # experiment trackers: imports only run_folder; used by the trainer and by `eval run`
+    "megatron_cpt/training/tracking.py": 0,
     "data_prep/": 1, "eval/": 1, "megatron_cpt/tiny.py": 1,
     "megatron_cpt/training/": 2,
     "megatron_cpt/cli/": 3, "megatron_cpt/launch/": 3, "megatron_cpt/report/": 3,

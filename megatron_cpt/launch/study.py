@@ -178,6 +178,11 @@ def _number(value) -> str:
     return str(value)
 
 
+def _quoted(text: str) -> str:
+    """A YAML single-quoted string (safe inside the sbatch scripts' double-quoted overrides)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
 @dataclass
 class Cell:
     """One size x corpus run of the study."""
@@ -240,7 +245,18 @@ class Cell:
                 f"data.valid=[{valid}]",
                 f"parallel.tp={self.size.tp}", f"parallel.pp={self.size.pp}",
                 *[f"budget.{k}={_number(v)}" for k, v in self.study.budget.items()],
-                *self.size.overrides]
+                *self.tracking_overrides(), *self.size.overrides]
+
+    def tracking_overrides(self) -> list[str]:
+        """The study view in W&B / MLflow (used when the base config turns a tracker on): one
+        group / experiment named after the study, each run tagged with its size, domain and
+        kind."""
+        tags = {"study": self.study.name, "size": self.size.name, "domain": self.domain or "general",
+                "kind": self.kind, "cell": self.corpus}
+        inline = ", ".join(f"{k}: {_quoted(v)}" for k, v in tags.items())
+        return [f"logging.wandb.group={_quoted(self.study.name)}",
+                f"logging.mlflow.experiment={_quoted(self.study.name)}",
+                f"logging.tags={{{inline}}}"]
 
     def train_config(self):
         from megatron_cpt.training.config import TrainConfig

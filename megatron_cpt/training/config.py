@@ -136,6 +136,7 @@ class CheckpointSection:
 
 
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+TRACKING_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql")
 LAYOUT_KEYS = ("tp", "pp", "sequence_parallel")  # parallel.* keys a resume may change
 
 
@@ -148,10 +149,34 @@ class ValidationSection:
     at_end: bool = True
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class WandbSection:
+    """Weights & Biases (training/tracking.py): off while ``project`` is empty."""
+
+    project: str = ""
+    entity: str | None = None
+    group: str | None = None       # the grid sets the study name
+    mode: str = "online"           # online | offline (no internet: `wandb sync` later)
+
+
+@dataclass
+class MlflowSection:
+    """MLflow (training/tracking.py): off while ``tracking_uri`` is empty."""
+
+    tracking_uri: str = ""         # file:///abs/path (local store) | http(s)://server | databricks
+    experiment: str = "megatron-cpt"  # the grid sets the study name
+
+
 @dataclass
 class LoggingSection:
     interval: int = ranged(1, 1)
     tensorboard: bool = True
+    wandb: WandbSection = field(default_factory=WandbSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    tags: dict[str, str] = field(default_factory=dict)  # tracker tags/params (grid: size, domain, kind)
     mfu_peak_tflops: float = ranged(989.0, 0, lo_open=True)   # per-GPU dense bf16 peak used for MFU (H100 SXM)
     log_sample_ids: bool = False      # write samples.jsonl (which samples each step consumed)
     straggler_factor: float = ranged(1.5, 1, lo_open=True)    # a rank this many times slower than the median rank...
@@ -313,6 +338,17 @@ class TrainConfig:
             raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min:g}) must be below "
                              f"train.collective_timeout_min ({t.collective_timeout_min:g}), or a "
                              "hung collective times out before the watchdog reports it")
+        if lg.wandb.mode not in WANDB_MODES:
+            raise UsageError(f"logging.wandb.mode {lg.wandb.mode!r} unknown; choose online or offline")
+        if lg.wandb.project and ("/" in lg.wandb.project or len(lg.wandb.project) > 128):
+            raise UsageError(f"logging.wandb.project {lg.wandb.project!r} must be a name of at most "
+                             "128 characters without '/'")
+        uri = lg.mlflow.tracking_uri
+        if uri and ":" in uri and uri.split(":", 1)[0] not in TRACKING_SCHEMES:
+            raise UsageError(f"logging.mlflow.tracking_uri {uri!r}: scheme unknown; use "
+                             f"{', '.join(s + ':' for s in TRACKING_SCHEMES)} or a path")
+        if uri and not lg.mlflow.experiment:
+            raise UsageError("logging.mlflow.experiment is empty; name the MLflow experiment")
 
 
 def apply_override(doc: YamlDoc, item: str, origin: str = "command line") -> None:

@@ -28,7 +28,7 @@ from megatron_cpt import provenance
 from megatron_cpt import run_folder as rf
 from megatron_cpt.run_folder import RunFolder
 from megatron_cpt.training import checkpointing, data, fault_hooks, lease, nonfinite, signals
-from megatron_cpt.training import startup_record
+from megatron_cpt.training import startup_record, tracking
 from megatron_cpt.training.health import RankHealth
 from megatron_cpt.training.config import TrainConfig
 from megatron_cpt.training.gc_policy import GCPolicy
@@ -156,7 +156,7 @@ def record_run(plan: RunPlan, startup: dict | None = None) -> RunFolder:
         run.write_run_info({"config_hash": plan.config_hash, "world_size": plan.world_size,
                             "dp": plan.dp, "budget": plan.budget.to_dict(), "startup": startup,
                             "provenance": code, "layouts": _layout_history(plan, before),
-                            "placement": where})
+                            "placement": where, tracking.RUN_ID_KEY: tracking.run_id(run)})
         run.write_running(plan.resume.iteration, plan.budget.iterations)
         if startup is not None:
             event(startup_record.format_record(startup))
@@ -234,6 +234,7 @@ class Launch:
         self.spikes = nonfinite.SpikeWatch(cfg.train.spike_factor)
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
+        self.metrics.start_tracking(cfg.logging, self.iteration)
         self.checkpointer = checkpointing.Checkpointer(_save_options(plan))
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
         self.data = LaunchData(plan, run)
@@ -528,8 +529,8 @@ class Launch:
             self.run.write_exit_status(code, it, self.plan.budget.iterations)
         dist.barrier()  # leave together: torchrun kills the others when one rank exits first
 
-    def close(self) -> None:
-        self.metrics.close()
+    def close(self, code: int = 0) -> None:
+        self.metrics.close(code)
         self.samples.close()
 
 
@@ -636,6 +637,7 @@ def _run_launch(plan: RunPlan, startup, took_over: str | None) -> int:
     gc_policy = launch.gc_policy
     gc_policy.start()
     launch.watchdog.start()
+    code = 1  # an exception: the tracked run is marked killed, not finished
     try:
         code = run_steps(launch, stop)
         launch.finish(code)
@@ -643,5 +645,5 @@ def _run_launch(plan: RunPlan, startup, took_over: str | None) -> int:
         launch.watchdog.stop()
         gc_policy.stop()
         stop.uninstall()
-        launch.close()
+        launch.close(code)
     return code
