@@ -270,11 +270,12 @@ class Cell:
         return None if self.corpus == "general" else self.corpus.removeprefix("control_")
 
     @property
-    def general_fraction(self) -> float:
-        """Share of general samples in the training blend (0 domain/control, 1 general)."""
+    def general_fraction(self) -> float | None:
+        """Share of general samples in the training blend (0 domain, 1 general; None for a
+        control: general data size-matched to a domain, not on the mixture axis)."""
         if self.corpus in self.study.replay_cells:
             return self.study.replay_cells[self.corpus][1]
-        return 1.0 if self.corpus == "general" else 0.0
+        return {"general": 1.0, "domain": 0.0}.get(self.kind)
 
     @property
     def run_dir(self) -> Path:
