@@ -185,7 +185,7 @@ def test_recommendation_on_a_synthetic_study_known_by_construction(tmp_path, cap
     for g in np.linspace(0, 1, 11):  # the construction: general loss falls with its share
         assert law(GEN, 1, 1, g + 0.05) < law(GEN, 1, 1, g)
     root = _synthetic_study(tmp_path / "study")
-    assert main(["report", "--study", str(root), "--bootstrap", "100"]) == 0
+    assert main(["report", "--study", str(root), "--bootstrap", "40"]) == 0
     res = json.loads((root / "report" / "results.json").read_text())
     mix = res["mixture"]
     assert mix["general_loss_increase"] == 0.05 and "study" in mix["budget_source"]
@@ -207,7 +207,7 @@ def test_recommendation_on_a_synthetic_study_known_by_construction(tmp_path, cap
     assert "Replay (legal): to keep general validation loss within +0.05" in md
     # a tighter budget on the command line moves the answer up
     out2 = tmp_path / "r2"
-    assert main(["report", "--study", str(root), "--bootstrap", "20", "--out", str(out2),
+    assert main(["report", "--study", str(root), "--bootstrap", "10", "--out", str(out2),
                  "--forgetting-budget", "0.02"]) == 0
     tight = json.loads((out2 / "results.json").read_text())["mixture"]
     assert tight["budget_source"] == "command line"
@@ -217,7 +217,7 @@ def test_recommendation_on_a_synthetic_study_known_by_construction(tmp_path, cap
     # plan --recommend prints the same table from the finished study folder
     from megatron_cpt.report.mixture_text import plain_table
     capsys.readouterr()
-    assert main(["plan", "--recommend", "--study", str(root), "--bootstrap", "100"]) == 0
+    assert main(["plan", "--recommend", "--study", str(root), "--bootstrap", "40"]) == 0
     assert plain_table(mix) in capsys.readouterr().out
 
 
