@@ -228,9 +228,13 @@ def _replay_spec(value, raw: _StudyFile, doc) -> ReplaySpec:
     spec.fractions = sorted({float(f) for f in spec.fractions})
     if bad := [d for d in spec.domains if d not in raw.domains]:
         raise doc.error(("replay", "domains"), f"{bad} are not in domains {raw.domains}")
-    if bad := [z for z in spec.sizes if str(z) not in {str(k) for k in raw.sizes}]:
-        raise doc.error(("replay", "sizes"), f"{bad} are not in sizes {list(raw.sizes)}")
-    spec.sizes = [str(z) for z in spec.sizes]
+    # a copy of the study cut down to fewer sizes keeps its replay declaration: sizes it no
+    # longer has just have no replay cells (`plan` lists the cells that remain)
+    known = {str(k) for k in raw.sizes}
+    sizes = [str(z) for z in spec.sizes]
+    spec.sizes = [z for z in sizes if z in known]
+    if sizes and not spec.sizes:
+        spec.fractions = []  # none of its sizes left: no replay cells (not "all sizes")
     if not raw.general:
         raise doc.error(("replay",), "replay cells blend in the general corpus: set general: true")
     return spec
