@@ -35,6 +35,7 @@ setup(
         "sentencepiece",
         "submitit>=1.5",  # the SLURM grid launcher (job arrays, requeue, torch.distributed env)
         "matplotlib",  # report plots (Agg backend)
+        "scipy",  # report: the mixture law (bounded nonlinear least squares)
         "tensorboard",  # training event files (the trainer falls back to metrics.jsonl without it)
     ],
     extras_require={

@@ -16,6 +16,7 @@ Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
     eval/<iteration>.json    evaluation result of one scored point (``eval run``)
     eval/tasks/              the lm-eval task YAMLs of the run
     debug/                   sample-id logs (``logging.log_sample_ids``)
+    data_blend.json          samples per training prefix over the budget (blends of 2+ prefixes)
     hang/rank_NNNNN.txt      each rank's stacks and last collective when the hang watchdog fired
     tensorboard/             TensorBoard events (``logging.tensorboard``)
     data_cache/              Megatron dataset index cache (unless ``data.cache_dir`` is set)
@@ -45,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 EVAL_DIR = "eval"
 DEBUG_DIR = "debug"
+DATA_BLEND = "data_blend.json"
 HANG_DIR = "hang"
 
 
@@ -236,6 +238,11 @@ class RunFolder:
     @property
     def tasks_dir(self) -> Path:
         return self.eval_dir / "tasks"
+
+    @property
+    def data_blend_path(self) -> Path:
+        """Samples drawn from each training prefix over the budget (blends of 2+ prefixes)."""
+        return self.path / DATA_BLEND
 
     @property
     def debug_dir(self) -> Path:

@@ -268,7 +268,7 @@ def test_study_plan_reports_memory_storage_and_fits(capsys):
     study = str(REPO / "configs" / "study.yaml")
     assert main(["plan", "--study", study, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 28 and all(r["fits"] for r in rows)
+    assert len(rows) == 28 + 4 and all(r["fits"] for r in rows)
     for r in rows:
         mem = r["memory"]
         assert mem["gpu_gib"] == 80 and mem["total_gib"] <= mem["usable_gib"]

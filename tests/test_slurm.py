@@ -30,7 +30,8 @@ def test_committed_scripts_match_their_rendering(tmp_path):
     study = StudyConfig.load(REPO / "configs" / "study.yaml", use_env=False)
     rendered = {p.name: p.read_text() for p in render_all(study, tmp_path)}
     committed = {p.name: p.read_text() for p in (REPO / "slurm").glob("cpt_*.sh")}
-    assert len(rendered) == 4 * 7  # 4 sizes x (general + 3 domains + 3 controls)
+    assert len(rendered) == 4 * 7 + 2 * 2  # 4 sizes x (general + 3 domains + 3 controls)
+    assert "cpt_7b_legal_replay25.sh" in rendered  # + legal at 5% and 25% replay, 3b and 7b
     assert sorted(committed) == sorted(rendered), "re-run `megatron-cpt launch render-sbatch`"
     stale = [name for name in rendered if committed[name] != rendered[name]]
     assert not stale, f"committed scripts differ from their rendering: {stale}; re-render them"

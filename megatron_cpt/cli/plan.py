@@ -37,6 +37,19 @@ def register(sub, name: str, help_text: str) -> None:
                    help="--config: GiB per GPU to check the memory plan against (--study: "
                    "resources.gpu_memory_gb)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r = p.add_argument_group("replay recommendation (--recommend)")
+    r.add_argument("--recommend", action="store_true",
+                   help="with --study FOLDER (a finished study's folder, or its YAML): fit the "
+                   "mixture law and print the replay recommendation per size, the same table "
+                   "as report.md")
+    r.add_argument("--forgetting-budget", **arg_range(float, 0, lo_open=True), default=None,
+                   help="general validation loss increase allowed over the base model, nats "
+                   "(default: the study's recommend.general_loss_increase, else 0.05)")
+    r.add_argument("--target-domain-loss", **arg_range(float, 0, lo_open=True), default=None,
+                   help="domain validation loss to reach (default: the pure domain run's)")
+    r.add_argument("--bootstrap", **arg_range(int, 0), default=200,
+                   help="bootstrap refits over cells (at most 200)")
+    r.add_argument("--seed", **arg_range(int, 0), default=0, help="bootstrap seed")
     p.set_defaults(func=_run)
 
 
@@ -92,11 +105,47 @@ def print_study_plan(study, cells, mfu: float, peak_tflops: float, as_json: bool
     return 0
 
 
+def _recommend(args: argparse.Namespace) -> int:
+    """The report's replay recommendation table, from a finished study folder."""
+    from megatron_cpt.errors import UsageError
+    from megatron_cpt.report.load import load_study
+    from megatron_cpt.report.mixture import analyze_mixture
+    from megatron_cpt.report.mixture_text import plain_table
+
+    if not args.study:
+        raise UsageError("--recommend reads a finished study: pass --study STUDY_FOLDER")
+    folder = args.study
+    if folder.is_file():  # the study YAML: its study_dir
+        from megatron_cpt.launch.study import StudyConfig
+
+        folder = StudyConfig.load(folder).study_dir
+    mix = analyze_mixture(load_study(folder), args.forgetting_budget, args.target_domain_loss,
+                          args.bootstrap, args.seed)
+    if args.json:
+        print(json.dumps(mix, indent=2, default=float))
+        return 0
+    if not mix["domains"]:
+        raise UsageError(f"{folder} has no replay cells (declare `replay:` in the study YAML)")
+    print(f"replay recommendation: general validation loss at most "
+          f"+{mix['general_loss_increase']:g} nats over the base model ({mix['budget_source']}); "
+          f"95% CIs from {mix['bootstrap']['replicates']} bootstrap refits over cells")
+    print(plain_table(mix))
+    for dom, m in mix["domains"].items():
+        for k, f in m["fits"].items():
+            h = (f.get("heldout") or {}).get("rmse")
+            print(f"{dom} {k}: " + (f"{f['form']}, held-out cell RMSE {h:.3g}, in-sample R² "
+                                    f"{f['r2']:.3f}" if f["status"] == "ok" else
+                                    f"not fitted ({f['reason']})"))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from megatron_cpt.training.budget import cost_estimate
     from megatron_cpt.training.config import TrainConfig
     from megatron_cpt.training.preflight import check_layout
 
+    if args.recommend:
+        return _recommend(args)
     if args.study:
         from megatron_cpt.launch.study import StudyConfig
 

@@ -22,6 +22,13 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2, nothing written) when an eval file cannot be read; by "
                    "default it is skipped and named on stderr and in report.md's notes")
+    p.add_argument("--forgetting-budget", **arg_range(float, 0, lo_open=True), default=None,
+                   help="replay recommendation: largest allowed increase of general validation "
+                   "loss over the base model, in nats (default: the study's "
+                   "recommend.general_loss_increase, else 0.05)")
+    p.add_argument("--target-domain-loss", **arg_range(float, 0, lo_open=True), default=None,
+                   help="replay recommendation: domain validation loss to reach (default: the "
+                   "pure domain run's predicted loss at the study's budget)")
     p.set_defaults(func=_run)
 
 
@@ -34,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
     out = args.out or args.study / "report"
     results = build_report(args.study, out, bootstrap=args.bootstrap, seed=args.seed,
-                           strict=args.strict)
+                           strict=args.strict, forgetting_budget=args.forgetting_budget,
+                           target_domain_loss=args.target_domain_loss)
     if results["skipped"]:  # a skipped point moves SGER and the fits: say so where it is seen
         print(f"megatron-cpt report: warning: skipped {len(results['skipped'])} unreadable eval "
               f"file(s) (--strict refuses them): {', '.join(results['skipped'])}", file=sys.stderr)

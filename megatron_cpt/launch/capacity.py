@@ -62,13 +62,15 @@ def cell_storage(cell: Cell, cfg, dtype: str) -> dict:
 
 
 def corpus_epochs(cell: Cell, tokens: int) -> float | None:
-    """Epochs of the cell's training corpus the budget implies (None: no manifest yet)."""
+    """Epochs of the cell's training corpus the budget implies (None: no manifest yet); of
+    the domain corpus for a replay cell (its 1 - r share of the tokens)."""
     from data_prep.manifest import load_manifest
 
     prefix = cell.train_prefix()
     if not Path(prefix + ".manifest.json").is_file():
         return None
-    return memory.corpus_epochs(tokens, int(load_manifest(prefix).get("tokens", 0)))
+    share = 1.0 - cell.general_fraction if cell.kind == "replay" else 1.0
+    return memory.corpus_epochs(int(tokens * share), int(load_manifest(prefix).get("tokens", 0)))
 
 
 def capacity_row(cell: Cell, tokens: int) -> dict:

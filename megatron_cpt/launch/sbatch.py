@@ -38,7 +38,9 @@ def render(cell: Cell) -> str:
     dp = cell.world_size // mp
     job = f"cpt_{size.name}_{cell.corpus}"
     what = {"general": "the general corpus", "domain": f"the {cell.domain} corpus",
-            "control": f"a random general sample size-matched to {cell.domain} (control)"}[cell.kind]
+            "control": f"a random general sample size-matched to {cell.domain} (control)",
+            "replay": f"the {cell.domain} corpus with {(cell.general_fraction or 0) * 100:g}% "
+                      "general data replayed (weighted blend)"}[cell.kind]
     directives = [f"--job-name={job}", f"--nodes={size.nodes}",
                   f"--ntasks-per-node={cell.tasks_per_node}"]
     if res.gpus_per_node:

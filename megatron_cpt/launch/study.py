@@ -88,6 +88,24 @@ class _StudyFile:
     budget: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    replay: Any = None          # [fractions] or {fractions, domains, sizes}: see ReplaySpec
+    recommend: dict[str, Any] = field(default_factory=dict)  # {general_loss_increase: 0.05}
+
+
+@dataclass
+class ReplaySpec:
+    """Replay cells: each a domain run whose training blend holds ``fraction`` general data
+    (by samples, hence tokens: every sample is one sequence). 0 is the domain cell itself and
+    1 the general cell, so fractions lie strictly between. Empty ``domains`` / ``sizes``: all."""
+
+    fractions: list[float] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    sizes: list[str] = field(default_factory=list)
+
+
+def replay_corpus(domain: str, fraction: float) -> str:
+    """``legal`` at 0.25 -> ``legal_replay25`` (percent; a fractional percent as ``0p5``)."""
+    return f"{domain}_replay{f'{fraction * 100:.6g}'.replace('.', 'p')}"
 
 
 @dataclass
@@ -105,12 +123,26 @@ class StudyConfig:
     sizes: dict[str, SizeSpec]
     resources: Resources
     eval: EvalSpec
+    replay: ReplaySpec = field(default_factory=ReplaySpec)
+    recommend: dict = field(default_factory=dict)
 
     @property
     def corpora(self) -> list[str]:
-        """Training corpora = cell names: general, each domain, control_<domain>."""
+        """Training corpora = cell names: general, each domain, control_<domain>, then the
+        replay cells <domain>_replay<pct>."""
         return (["general"] if self.general else []) + list(self.domains) + \
-            [f"control_{d}" for d in self.controls]
+            [f"control_{d}" for d in self.controls] + list(self.replay_cells)
+
+    @property
+    def replay_cells(self) -> dict[str, tuple[str, float]]:
+        """corpus name -> (domain, general fraction) of every declared replay cell."""
+        doms = self.replay.domains or self.domains
+        return {replay_corpus(d, f): (d, f) for d in doms for f in self.replay.fractions}
+
+    def has_cell(self, size: str, corpus: str) -> bool:
+        """Replay cells exist only at ``replay.sizes`` (all sizes when empty)."""
+        return corpus not in self.replay_cells or not self.replay.sizes \
+            or size in self.replay.sizes
 
     @property
     def valid_names(self) -> list[str]:
@@ -147,13 +179,19 @@ class StudyConfig:
         if raw.eval.primary_formulation not in ("auto", "mcf", "cf"):
             raise doc.error(("eval", "primary_formulation"), "must be auto, mcf or cf, got "
                             f"{raw.eval.primary_formulation!r}")
+        replay = _replay_spec(raw.replay, raw, doc)
+        if (inc := raw.recommend.get("general_loss_increase")) is not None and not (
+                isinstance(inc, (int, float)) and not isinstance(inc, bool) and inc > 0):
+            raise doc.error(("recommend", "general_loss_increase"),
+                            f"must be a number > 0 (nats over the base model), got {inc!r}")
         study = cls(
             name=raw.name or path.stem, path=path.resolve(), train_config=res(raw.train_config),
             study_dir=res(raw.study_dir, ENV_ROOTS["study_dir"]),
             data_root=res(raw.data_root, ENV_ROOTS["data_root"]),
             checkpoint_root=res(raw.checkpoint_root, ENV_ROOTS["checkpoint_root"]),
             domains=raw.domains, general=raw.general, controls=raw.controls, budget=raw.budget,
-            sizes=sizes, resources=raw.resources, eval=raw.eval,
+            sizes=sizes, resources=raw.resources, eval=raw.eval, replay=replay,
+            recommend=dict(raw.recommend),
         )
         study.eval.exams = [str(res(e)) for e in study.eval.exams]
         if not study.train_config.is_file():
@@ -168,7 +206,38 @@ class StudyConfig:
                 if a not in known:
                     raise UsageError(f"unknown {what} '{a}' (this study has: {', '.join(known)})")
         return [Cell(self, self.sizes[s], c) for s in (sizes or self.sizes)
-                for c in self.corpora if not corpora or c in corpora]
+                for c in self.corpora if (not corpora or c in corpora) and self.has_cell(s, c)]
+
+
+def _replay_spec(value, raw: _StudyFile, doc) -> ReplaySpec:
+    """``replay: [0.05, 0.25]`` or ``replay: {fractions: [...], domains: [...], sizes: [...]}``."""
+    if value is None:
+        return ReplaySpec()
+    if isinstance(value, list):
+        value = {"fractions": value}
+    if not isinstance(value, dict):
+        raise doc.error(("replay",), "must be a list of general fractions or a mapping "
+                        f"{{fractions, domains, sizes}}, got {value!r}")
+    spec = build(ReplaySpec, value, doc, ("replay",))
+    if not spec.fractions:
+        raise doc.error(("replay", "fractions"), "needs at least one fraction")
+    for f in spec.fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise doc.error(("replay", "fractions"), f"fractions lie strictly between 0 (the "
+                            f"domain cell) and 1 (the general cell), got {f!r}")
+    spec.fractions = sorted({float(f) for f in spec.fractions})
+    if bad := [d for d in spec.domains if d not in raw.domains]:
+        raise doc.error(("replay", "domains"), f"{bad} are not in domains {raw.domains}")
+    # a copy of the study cut down to fewer sizes keeps its replay declaration: sizes it no
+    # longer has just have no replay cells (`plan` lists the cells that remain)
+    known = {str(k) for k in raw.sizes}
+    sizes = [str(z) for z in spec.sizes]
+    spec.sizes = [z for z in sizes if z in known]
+    if sizes and not spec.sizes:
+        spec.fractions = []  # none of its sizes left: no replay cells (not "all sizes")
+    if not raw.general:
+        raise doc.error(("replay",), "replay cells blend in the general corpus: set general: true")
+    return spec
 
 
 def _number(value) -> str:
@@ -189,7 +258,7 @@ class Cell:
 
     study: StudyConfig
     size: SizeSpec
-    corpus: str                    # general | <domain> | control_<domain>
+    corpus: str                    # general | <domain> | control_<domain> | <domain>_replay<pct>
 
     @property
     def name(self) -> str:
@@ -199,11 +268,23 @@ class Cell:
     def kind(self) -> str:
         if self.corpus == "general":
             return "general"
+        if self.corpus in self.study.replay_cells:
+            return "replay"
         return "control" if self.corpus.startswith("control_") else "domain"
 
     @property
     def domain(self) -> str | None:
+        if self.corpus in self.study.replay_cells:
+            return self.study.replay_cells[self.corpus][0]
         return None if self.corpus == "general" else self.corpus.removeprefix("control_")
+
+    @property
+    def general_fraction(self) -> float | None:
+        """Share of general samples in the training blend (0 domain, 1 general; None for a
+        control: general data size-matched to a domain, not on the mixture axis)."""
+        if self.corpus in self.study.replay_cells:
+            return self.study.replay_cells[self.corpus][1]
+        return {"general": 1.0, "domain": 0.0}.get(self.kind)
 
     @property
     def run_dir(self) -> Path:
@@ -214,7 +295,18 @@ class Cell:
         return self.study.checkpoint_root / self.size.model
 
     def train_prefix(self, data_root: Path | str | None = None) -> str:
-        return f"{data_root or self.study.data_root}/{self.corpus}_train"
+        corpus = self.domain if self.kind == "replay" else self.corpus
+        return f"{data_root or self.study.data_root}/{corpus}_train"
+
+    def train_blend(self, data_root: Path | str | None = None) -> list[tuple[str, float]]:
+        """(prefix, weight) of the training data: one prefix, or for a replay cell the domain
+        and general prefixes weighted 1 - r and r (Megatron's BlendedDataset draws samples
+        in exactly that ratio, up to one sample at every prefix of the run)."""
+        if self.kind != "replay":
+            return [(self.train_prefix(data_root), 1.0)]
+        r = self.general_fraction
+        return [(self.train_prefix(data_root), round(1.0 - r, 10)),
+                (f"{data_root or self.study.data_root}/general_train", r)]
 
     def valid_prefixes(self, data_root: Path | str | None = None) -> dict[str, str]:
         root = data_root or self.study.data_root
@@ -239,9 +331,10 @@ class Cell:
         The arguments let the sbatch renderer put shell variables in place of paths."""
         valid = ", ".join(f"{{name: {n}, prefix: {p}}}"
                           for n, p in self.valid_prefixes(data_root).items())
+        train = ", ".join(f"{{prefix: {p}, weight: {w}}}" for p, w in self.train_blend(data_root))
         return [f"run_dir={run_dir or self.run_dir}",
                 f"model.pretrained={pretrained or self.pretrained}",
-                f"data.train=[{{prefix: {self.train_prefix(data_root)}, weight: 1.0}}]",
+                f"data.train=[{train}]",
                 f"data.valid=[{valid}]",
                 f"parallel.tp={self.size.tp}", f"parallel.pp={self.size.pp}",
                 *[f"budget.{k}={_number(v)}" for k, v in self.study.budget.items()],
@@ -266,7 +359,8 @@ class Cell:
 
     def describe(self) -> dict:
         return {"size": self.size.name, "cell": self.corpus, "kind": self.kind,
-                "domain": self.domain, "model": self.size.model,
+                "domain": self.domain, "general_fraction": self.general_fraction,
+                "model": self.size.model,
                 "run_dir": str(self.run_dir.relative_to(self.study.study_dir)),
                 "tp": self.size.tp, "pp": self.size.pp, "nodes": self.size.nodes,
                 "tasks": self.world_size, "gpus": self.gpus}
@@ -317,7 +411,7 @@ def check_inputs(cell: Cell) -> None:
         raise UsageError(f"{cell.name}: pretrained checkpoint {cell.pretrained} not found; convert "
                          f"it (`megatron-cpt convert hf-to-mcore --out {cell.pretrained}`) or set "
                          "checkpoint_root / MCPT_CKPT_ROOT")
-    for prefix in [cell.train_prefix(), *cell.valid_prefixes().values()]:
+    for prefix in [*(p for p, _ in cell.train_blend()), *cell.valid_prefixes().values()]:
         missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
         if missing:
             raise UsageError(f"{cell.name}: data prefix {prefix} has no {'/'.join(missing)}; "
@@ -342,6 +436,7 @@ def write_study_json(study: StudyConfig, cells: list[Cell]) -> Path:
         sizes[cell.size.name] = {"model": cell.size.model, "params": params}
     doc = {"name": study.name, "config": str(study.path), "domains": study.domains,
            "controls": study.controls, "budget": study.budget, "sizes": sizes,
+           "recommend": study.recommend,
            "primary_formulation": {"mode": study.eval.primary_formulation,
                                    "cf_below_params": study.eval.cf_below_params},
            "cells": sorted(by_name.values(), key=lambda c: (c["size"], c["cell"]))}

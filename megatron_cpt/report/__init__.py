@@ -43,6 +43,17 @@ DEFINITIONS = {
                            "when the size has fewer parameters than eval.cf_below_params or "
                            "the base model's MCF val acc is within 2 binomial standard errors "
                            "of chance, else mcf",
+    "mixture_law": "per domain and loss: L(N, D, r) = E + A/n^alpha + B r^eta / d^beta + "
+                   "C/(r + eps)^gamma over the general, domain and replay runs' checkpoints "
+                   "(D > 0), r = share of the loss's own corpus, n and d divided by the grid's "
+                   "geometric means; dcpt_separable fixes eta = 0, eps = 0.1 on smaller grids; "
+                   "CIs: bootstrap over cells (at most 200 refits); heldout: leave-one-cell-out",
+    "replay_recommendation": "per size: smallest general fraction whose predicted general "
+                             "validation loss at the study's token budget is within the "
+                             "forgetting budget of the base model's, the predicted domain loss "
+                             "there, and the tokens to reach the target domain loss at it "
+                             "(default target: the pure domain run's predicted loss at the "
+                             "budget); 'not determinable from this grid' when a CI is unbounded",
     "test_gain_over_base": "test acc (primary formulation) of the specialized run's best "
                            "val checkpoint minus the base model's, paired bootstrap CI over "
                            "test questions",
@@ -50,7 +61,8 @@ DEFINITIONS = {
 
 
 def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 1000,
-                 seed: int = 0, strict: bool = False) -> dict:
+                 seed: int = 0, strict: bool = False, forgetting_budget: float | None = None,
+                 target_domain_loss: float | None = None) -> dict:
     """Analyze the study at ``study_dir``, write report.md/.html, results.json and PNGs into
     ``out_dir`` (default STUDY/report). Returns the results.json dict (``skipped``: the eval
     files that could not be read). ``strict``: an unreadable eval file is a UsageError raised
@@ -68,7 +80,7 @@ def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 
                          "skipped eval file: re-run `megatron-cpt eval run` for it, or drop --strict")
     out = Path(out_dir) if out_dir is not None else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    results = analyze(study, bootstrap, seed)
+    results = analyze(study, bootstrap, seed, forgetting_budget, target_domain_loss)
     results["study_dir"] = str(study_dir)
     results["skipped"] = dict(study.skipped)
     results["plots"] = [p.name for p in plots.all_plots(study, results["cells"], out)]
@@ -76,9 +88,10 @@ def build_report(study_dir: Path, out_dir: Path | None = None, bootstrap: int = 
     return results
 
 
-def analyze(study, bootstrap: int = 1000, seed: int = 0) -> dict:
+def analyze(study, bootstrap: int = 1000, seed: int = 0, forgetting_budget: float | None = None,
+            target_domain_loss: float | None = None) -> dict:
     """Point estimates, bootstrap CIs and fits for an in-memory study (no files written)."""
-    from megatron_cpt.report import analysis, fits
+    from megatron_cpt.report import analysis, fits, mixture
 
     missing, notes = list(study.missing), list(study.notes)
     cells: dict[str, dict] = {}
@@ -120,4 +133,5 @@ def analyze(study, bootstrap: int = 1000, seed: int = 0) -> dict:
     return {"study": study.name, "sizes": dict(study.sizes), "domains": list(study.domains),
             "definitions": DEFINITIONS, "bootstrap": {"replicates": bootstrap, "seed": seed},
             "summary": summary, "cells": cells, "fits": fitted, "missing": missing,
-            "notes": notes}
+            "notes": notes, "mixture": mixture.analyze_mixture(
+                study, forgetting_budget, target_domain_loss, bootstrap, seed)}

@@ -58,6 +58,7 @@ class Run:
     run_dir: Path
     params: float | None = None
     points: list[Point] = field(default_factory=list)
+    general_fraction: float | None = None  # share of general data in the blend (replay cells)
     # task (e.g. mcpt_legal_val) -> [n_points, n_questions] of 1.0 / 0.0 / NaN (not scored),
     # columns aligned with Study.question_ids[task]
     correct: dict[str, np.ndarray] = field(default_factory=dict)
@@ -106,9 +107,13 @@ class Study:
     primary: dict = field(default_factory=dict)  # study.json primary_formulation setting
     chance: dict[str, float] = field(default_factory=dict)  # task -> mean 1 / choices
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable eval file -> why
+    recommend: dict = field(default_factory=dict)  # study.json recommend: {general_loss_increase}
 
     def run(self, size: str, cell: str) -> Run | None:
         return self.runs.get(f"{size}/{cell}")
+
+
+REPLAY = re.compile(r"^(?P<domain>.+)_replay(?P<pct>\d+(?:p\d+)?)$")
 
 
 def kind_of(cell: str) -> tuple[str, str | None]:
@@ -116,7 +121,18 @@ def kind_of(cell: str) -> tuple[str, str | None]:
         return "general", None
     if cell.startswith(CONTROL_PREFIX):
         return "control", cell[len(CONTROL_PREFIX):]
+    if m := REPLAY.match(cell):
+        return "replay", m.group("domain")
     return "domain", cell
+
+
+def general_fraction(cell: str, kind: str) -> float | None:
+    """Share of general data in a cell's training blend: 1 general, 0 domain, the declared
+    fraction of a replay cell (read from its name, ``legal_replay25`` -> 0.25); None: control
+    (general data, size-matched to a domain: not on the mixture axis)."""
+    if kind == "replay" and (m := REPLAY.match(cell)):
+        return float(m.group("pct").replace("p", ".")) / 100
+    return {"general": 1.0, "domain": 0.0}.get(kind)
 
 
 def size_key(size: str, params: float | None) -> tuple:
@@ -210,9 +226,11 @@ def _cells_from_json(root: Path, spec: dict) -> list[dict]:
     for c in spec.get("cells") or []:
         size, cell = str(c["size"]), str(c["cell"])
         kind, dom = kind_of(cell)
-        cells.append({"size": size, "cell": cell, "kind": c.get("kind", kind),
+        kind = c.get("kind", kind)
+        cells.append({"size": size, "cell": cell, "kind": kind,
                       "domain": c.get("domain", dom) if kind != "general" else None,
                       "params": c.get("params"),
+                      "general_fraction": c.get("general_fraction", general_fraction(cell, kind)),
                       "run_dir": root / c.get("run_dir", f"runs/{size}/{cell}")})
     return cells
 
@@ -234,7 +252,8 @@ def _discover(root: Path) -> tuple[dict, list[dict], list[str]]:
             if d.is_dir():
                 kind, dom = kind_of(d.name)
                 cells.append({"size": d.parent.name, "cell": d.name, "kind": kind,
-                              "domain": dom, "params": None, "run_dir": d})
+                              "domain": dom, "params": None, "run_dir": d,
+                              "general_fraction": general_fraction(d.name, kind)})
     if not any(Path(c["run_dir"]).is_dir() for c in cells):
         raise UsageError(f"{root} has no runs (expected runs/<size>/<cell>/ folders"
                          f"{' or the run_dir of study.json cells' if spec.get('cells') else ''})")
@@ -268,7 +287,7 @@ def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: 
                          f"{len(points) - len(qf)} of {len(points)} scored points "
                          "(those points are left out of bootstrap replicates)")
         runs[key] = Run(c["size"], c["cell"], c["kind"], c["domain"], rd,
-                        float(params) if params else None, points)
+                        float(params) if params else None, points, c.get("general_fraction"))
         qfiles[key] = qf
     return runs, qfiles
 
@@ -336,4 +355,4 @@ def load_study(root: Path, splits: tuple[str, ...] = ("val",)) -> Study:
     question_ids, chance = _align_correct(runs, qfiles, splits)
     return Study(str(spec.get("name") or root.name), root, runs, sizes, domains, missing,
                  notes, question_ids, sorted(controls), spec.get("primary_formulation") or {},
-                 chance, skipped)
+                 chance, skipped, dict(spec.get("recommend") or {}))

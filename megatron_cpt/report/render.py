@@ -151,6 +151,10 @@ def findings(r: dict) -> list[str]:
                        f"{_ci(f.get('b_ci'))} over {f['sizes_used']} sizes.")
         else:
             out.append(f"SGER across sizes ({dom}): not fitted ({f.get('note', 'no data')}).")
+    if r.get("mixture"):
+        from megatron_cpt.report import mixture_text
+
+        out += mixture_text.finding(r["mixture"])
     gaps = [m for m in r["missing"]] + [f"{c['size']}/{c['domain']}: MCF at chance on the base "
                                         "model" for c in cells
                                         if "at chance" in (_dig(c, "formulation", "reason") or "")]
@@ -297,6 +301,10 @@ def to_markdown(results: dict) -> str:
         forms = ", ".join(f"{k}: {v}" for k, v in (fits.get("formulations") or {}).items())
         out += [f"### {d}", "", f"Exam format per size: {forms}.", ""]
         out += [_fit_line(k, v) for k, v in fits.items() if k != "formulations"] + [""]
+    if r.get("mixture"):
+        from megatron_cpt.report import mixture_text
+
+        out += mixture_text.section(r["mixture"])
     out += ["## Cells", ""]
     for key, c in r["cells"].items():
         out += _cell_section(key, c)

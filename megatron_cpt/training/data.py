@@ -79,6 +79,23 @@ def build_train_dataset(prefixes: list[str], weights: list[float], num_samples: 
     return _build(cfg, [num_samples, None, None])[0]
 
 
+def blend_counts(dataset, prefixes: list[str], weights: list[float], num_samples: int) -> dict:
+    """What a blend draws from each prefix over the first ``num_samples`` samples, read from
+    the BlendedDataset's own index (the samples the trainer consumes, in order); ``fraction``
+    is each prefix's share of samples, hence of tokens (every sample is one sequence)."""
+    import numpy as np
+
+    index = getattr(dataset, "dataset_index", None)
+    if index is None or len(prefixes) < 2:
+        counts = [int(num_samples)] + [0] * (len(prefixes) - 1)
+    else:
+        counts = np.bincount(np.asarray(index[:num_samples]), minlength=len(prefixes)).tolist()
+    total = max(1, sum(counts))
+    return {"samples": int(num_samples), "sources": [
+        {"prefix": p, "weight": float(w), "samples": int(c), "fraction": c / total}
+        for p, w, c in zip(prefixes, weights, counts)]}
+
+
 def build_valid_dataset(prefix: str, num_samples: int, seq: int, seed: int,
                         cache_dir: str | None, eod: int, vocab: int):
     cfg = _gpt_config(seed, seq, cache_dir, eod, vocab, [None, ([prefix], None), None])

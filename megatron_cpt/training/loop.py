@@ -187,6 +187,12 @@ class LaunchData:
             [p.prefix for p in cfg.data.train], [p.weight for p in cfg.data.train],
             plan.budget.iterations * b.global_batch_size, seq, cfg.train.seed, cache,
             plan.eod_id, plan.vocab_size)
+        if len(cfg.data.train) > 1 and dist.get_rank() == 0:  # a replay cell's proof of its mix
+            from megatron_cpt.run_folder import write_json_atomic
+
+            write_json_atomic(run.data_blend_path, data.blend_counts(
+                self.train, [p.prefix for p in cfg.data.train], [p.weight for p in cfg.data.train],
+                plan.budget.iterations * b.global_batch_size), indent=2)
         self.n_valid = cfg.validation.iters * b.micro_batch_size * plan.dp
         self.valid = [data.build_valid_dataset(p.prefix, self.n_valid, seq, cfg.train.seed, cache,
                                                plan.eod_id, plan.vocab_size)
