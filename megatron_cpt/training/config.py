@@ -338,6 +338,10 @@ class TrainConfig:
             raise UsageError(f"train.hang_timeout_min ({t.hang_timeout_min:g}) must be below "
                              f"train.collective_timeout_min ({t.collective_timeout_min:g}), or a "
                              "hung collective times out before the watchdog reports it")
+        self._check_tracking()
+
+    def _check_tracking(self) -> None:
+        lg = self.logging
         if lg.wandb.mode not in WANDB_MODES:
             raise UsageError(f"logging.wandb.mode {lg.wandb.mode!r} unknown; choose online or offline")
         if lg.wandb.project and ("/" in lg.wandb.project or len(lg.wandb.project) > 128):
