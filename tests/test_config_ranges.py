@@ -24,11 +24,11 @@ def _roots() -> list[type]:
     from data_prep.dedup import DedupConfig
     from data_prep.filter import _FilterFile
     from data_prep.language import LanguageConfig
-    from megatron_cpt.launch.study import SizeSpec, _StudyFile
+    from megatron_cpt.launch.study import ReplaySpec, SizeSpec, _StudyFile
     from megatron_cpt.models.qwen2 import ModelConfig
     from megatron_cpt.training.config import TrainConfig
 
-    return [TrainConfig, ModelConfig, _StudyFile, SizeSpec, _FilterFile, DedupConfig, LanguageConfig]
+    return [TrainConfig, ModelConfig, _StudyFile, SizeSpec, ReplaySpec, _FilterFile, DedupConfig, LanguageConfig]
 
 
 def _leaf_types(tp) -> list:

@@ -48,7 +48,7 @@ def test_replay_cells_are_named_costed_and_blended(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("1.5b/legal_replay25"))
     assert "2.000e+10" in row and "GPU-h" in out
     # bad declarations: one line, exit 2
-    for bad, why in (([0.0, 0.25], "strictly between 0"), ({"fractions": [0.1],
+    for bad, why in (([0.0, 0.25], "replay.fractions must be in (0, 1), got 0"), ({"fractions": [0.1],
                      "domains": ["finance"]}, "not in domains"), ("lots", "list of general")):
         s2 = _study_yaml(tmp_path / "bad.yaml", replay=bad)
         capsys.readouterr()

@@ -98,7 +98,7 @@ class ReplaySpec:
     (by samples, hence tokens: every sample is one sequence). 0 is the domain cell itself and
     1 the general cell, so fractions lie strictly between. Empty ``domains`` / ``sizes``: all."""
 
-    fractions: list[float] = field(default_factory=list)
+    fractions: list[float] = ranged(lo=0, hi=1, lo_open=True, hi_open=True, default_factory=list)
     domains: list[str] = field(default_factory=list)
     sizes: list[str] = field(default_factory=list)
 
