@@ -10,7 +10,9 @@ import torch.distributed as dist
 from megatron_cpt.checkpoint import store
 from megatron_cpt.errors import UsageError
 from megatron_cpt.training.checkpointing.folder import OPTIMIZER, TRAINER
+from megatron_cpt.run_folder import CHECKPOINTS
 from megatron_cpt.training.checkpointing.layout import DP_RESHARDABLE, Layout, layout_problem
+from megatron_cpt.training.checkpointing.resume import damaged_file, what_to_do
 from megatron_cpt.training.checkpointing.state import (_init_optimizer_state,
                                                        _load_optimizer_state, _restore_adam_step,
                                                        _set_rng_state, _state_dicts)
@@ -29,20 +31,44 @@ def _load_strategy(folder: Path, fully_parallel: bool):
                                             ps.get_data_parallel_group(with_context_parallel=True))
 
 
-def _load_strict(ckpt: Path, sub: str, sharded: dict, fully_parallel: bool) -> dict:
-    """Megatron's dist load of ``ckpt/sub`` refusing any missing or unexpected key, as one
-    line (exit 2)."""
+def _load_strict(ckpt: Path, sub: str, sharded: dict, fully_parallel: bool,
+                 layout: Layout) -> dict:
+    """Megatron's dist load of ``ckpt/sub`` refusing any missing or unexpected key; any failure
+    to read it is one line (exit 2): :func:`_unreadable`."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     folder = Path(ckpt) / sub
     try:
         return dist_checkpointing.load(sharded, str(folder), strict=StrictHandling.RAISE_ALL,
                                        sharded_strategy=_load_strategy(folder, fully_parallel))
-    except Exception as exc:  # CheckpointingException or torch's CheckpointException
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{ckpt} cannot be resumed: {first}; pass --resume-from an older "
-                         "checkpoint") from exc
+    except (Exception, CheckpointException) as exc:  # torch's is a BaseException
+        raise _unreadable(Path(ckpt), sub, exc, layout) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of what went wrong: for torch's CheckpointException, the first failed
+    rank's own exception (its text is that rank's whole traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))[0]
+    text = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unreadable(ckpt: Path, sub: str, exc: BaseException, layout: Layout) -> UsageError:
+    """A checkpoint that passed the resume checks but failed to load (bytes damaged on disk, a
+    key mismatch): one line naming the damaged ``.distcp`` (rank 0 looks for it; otherwise
+    the folder) and the newest complete checkpoint other than this one."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    bad = damaged_file(ckpt / sub) if rank0 else None
+    where = f"{ckpt.name}/{sub}/{bad}" if bad else f"{ckpt.name}/{sub}/"
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name != CHECKPOINTS:  # not a run folder's checkpoint: nothing to suggest
+        return UsageError(f"{ckpt}: {where} cannot be read ({_cause(exc)})")
+    return UsageError(f"run folder {run_dir}: {where} cannot be read ({_cause(exc)}); "
+                      f"{what_to_do(run_dir, layout.world, layout, other_than=ckpt.name)}")
 
 
 def load(ckpt: Path, gpt, optimizer, scheduler, layout: "Layout | None" = None,
@@ -57,8 +83,9 @@ def load(ckpt: Path, gpt, optimizer, scheduler, layout: "Layout | None" = None,
     _init_optimizer_state(optimizer)
     fmt = meta.get("optimizer_format", DP_RESHARDABLE)
     sharded = _state_dicts(gpt, optimizer, True, fmt)
-    state = {"model": _load_strict(ckpt, store.WEIGHTS, sharded["model"], fully_parallel),
-             "optimizer": _load_strict(ckpt, OPTIMIZER, sharded["optimizer"], fully_parallel)}
+    state = {"model": _load_strict(ckpt, store.WEIGHTS, sharded["model"], fully_parallel, layout),
+             "optimizer": _load_strict(ckpt, OPTIMIZER, sharded["optimizer"], fully_parallel,
+                                       layout)}
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         result = gpt.load_state_dict(state["model"], strict=False)
         keys = [k for k in result.missing_keys + result.unexpected_keys

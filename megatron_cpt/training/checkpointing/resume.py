@@ -35,6 +35,36 @@ def _dist_problem(ckpt: Path, sub: str) -> str | None:
     return None
 
 
+def damaged_file(folder: Path) -> str | None:
+    """The first ``.distcp`` of the dist checkpoint ``folder`` holding an item that does not
+    deserialize (None: none found). Each item is a ``torch.save`` archive, so a damaged header
+    shows here; damaged tensor bytes do not (the format has no checksum). Reads the whole
+    folder, so only after a load already failed."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    except Exception:  # an unreadable index is _dist_problem's finding, not a damaged file
+        return None
+    by_file: dict[str, list] = {}
+    for info in storage.values():
+        if not info.transform_descriptors:  # compressed items would need their transform
+            by_file.setdefault(info.relative_path, []).append(info)
+    for name, items in sorted(by_file.items()):
+        with open(folder / name, "rb") as f:
+            for info in sorted(items, key=lambda i: i.offset):
+                f.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(info.length)), map_location="cpu",
+                               weights_only=False)
+                except Exception:
+                    return name
+    return None
+
+
 def checkpoint_problem(ckpt: Path, world: int, layout: "Layout | None" = None) -> str | None:
     """Why ``ckpt`` cannot be resumed by ``world`` ranks in ``layout`` (default: TP1 PP1), or
     None: every file a resume reads is checked (metadata, both dist checkpoints' indexes and each
@@ -86,14 +116,48 @@ def _layout_change(ckpt: Path, layout: Layout) -> str | None:
     return f"{old.describe()} -> {layout.describe()}"
 
 
+def newest_complete(run_dir: Path, world: int, layout: Layout | None = None,
+                    other_than: str | None = None) -> Path | None:
+    """The newest checkpoint of the run folder that resumes at ``layout`` (None: none does),
+    skipping ``other_than`` (the one just found broken)."""
+    return next((p for p in reversed(committed(run_dir)) if p.name != other_than
+                 and checkpoint_problem(p, world, layout) is None), None)
+
+
+def what_to_do(run_dir: Path, world: int, layout: Layout | None = None,
+               other_than: str | None = None) -> str:
+    """The second half of a refusal: which checkpoint to relaunch from, or how to start over."""
+    good = newest_complete(run_dir, world, layout, other_than)
+    other = f" other than {other_than}" if other_than else ""
+    if good is not None:
+        return (f"the newest complete checkpoint{other} is {good.name}: relaunch with "
+                f"--resume-from {good.name}")
+    return (f"no{' other' if other_than else ''} complete checkpoint remains: move checkpoints/ "
+            "away to start again from model.pretrained")
+
+
 def _refuse(run_dir: Path, what: str, world: int, layout: Layout | None = None) -> UsageError:
-    good = [p for p in reversed(committed(run_dir))
-            if checkpoint_problem(p, world, layout) is None]
-    fix = (f"the newest complete checkpoint is {good[0].name}: relaunch with --resume-from "
-           f"{good[0].name}") if good else \
-        ("no complete checkpoint remains: move checkpoints/ away to start again from "
-         "model.pretrained")
-    return UsageError(f"run folder {run_dir}: {what}; {fix}")
+    return UsageError(f"run folder {run_dir}: {what}; {what_to_do(run_dir, world, layout)}")
+
+
+def _named_checkpoint(run: RunFolder, resume_from: str) -> Path:
+    """The folder ``--resume-from`` names: ``iter_N``, ``N`` or a path to a checkpoint of this
+    run folder. A path that leads elsewhere (``..``, another run's absolute path) is refused:
+    resuming it would continue another run's optimizer and schedule in this folder and then
+    overwrite this run's own checkpoints; another run's weights are a new run's
+    ``model.pretrained``."""
+    it = int(resume_from) if resume_from.isdigit() else _iteration_of(resume_from)
+    if it is not None:
+        return run.checkpoints / iter_name(it)
+    ckpt = run.checkpoints / resume_from
+    if ckpt.resolve().parent != run.checkpoints.resolve():
+        own = [p.name for p in committed(run.path)]
+        listed = ", ".join(own[-5:]) if own else f"none yet in {run.checkpoints}"
+        raise UsageError(
+            f"--resume-from {resume_from} is not in this run folder ({run.path}): --resume-from "
+            f"names a checkpoint of this run folder ({listed}); to start from another run's "
+            f"weights, make a new run with model.pretrained: {ckpt.resolve()}")
+    return ckpt
 
 
 def plan_resume(run_dir: Path, world: int, resume_from: str | None = None,
@@ -104,8 +168,7 @@ def plan_resume(run_dir: Path, world: int, resume_from: str | None = None,
     optimizer format allows (:func:`layout_problem`)."""
     run, layout = RunFolder(run_dir), layout or Layout(dp=world)
     if resume_from:
-        it = _iteration_of(resume_from) if not resume_from.isdigit() else int(resume_from)
-        ckpt = run.checkpoints / iter_name(it) if it is not None else run.checkpoints / resume_from
+        ckpt = _named_checkpoint(run, resume_from)
         problem = checkpoint_problem(ckpt, world, layout)
         if problem:
             raise _refuse(run_dir, f"--resume-from {resume_from}: {ckpt.name} {problem}", world,
