@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from megatron_cpt.checkpoint import store
 from megatron_cpt.errors import UsageError
-from megatron_cpt.training.checkpointing.folder import OPTIMIZER, TRAINER
 from megatron_cpt.run_folder import CHECKPOINTS
+from megatron_cpt.training.checkpointing.folder import OPTIMIZER, TRAINER
 from megatron_cpt.training.checkpointing.layout import DP_RESHARDABLE, Layout, layout_problem
 from megatron_cpt.training.checkpointing.resume import damaged_file, what_to_do
 from megatron_cpt.training.checkpointing.state import (_init_optimizer_state,
