@@ -11,7 +11,7 @@ Layout of ``RUN/`` (every reader and writer goes through :class:`RunFolder`)::
     lease.json               the one writer: host, job, pid, heartbeat (training/lease.py)
     launches.jsonl           one line per launch that ended: job, restart, code, reason,
                              decision (finished/requeue/retry/failed/give_up), note (launchers)
-    checkpoints/iter_N/      committed checkpoints (written by training/checkpointing.py)
+    checkpoints/iter_N/      committed checkpoints (written by training/checkpointing/)
     checkpoints/latest       name of the checkpoint resume trusts
     eval/<iteration>.json    evaluation result of one scored point (``eval run``)
     eval/tasks/              the lm-eval task YAMLs of the run
@@ -352,7 +352,7 @@ class RunFolder:
                 continue
         return records
 
-    # checkpoints/latest (written by training/checkpointing.py)
+    # checkpoints/latest (written by training/checkpointing/)
     def latest_name(self) -> str | None:
         """The checkpoint folder name ``latest`` points at, or None before the first save."""
         if not self.latest_pointer.is_file():

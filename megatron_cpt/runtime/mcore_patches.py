@@ -67,11 +67,12 @@ def die_with_parent(parent: int) -> None:
 
 
 def _writer_helper_init(parent: int) -> None:
-    """Initializer of the writer queue's server process: ignore the stop signals, die with
-    the trainer."""
+    """Initializer of the writer queue's server process: ignore the stop signals (SIGINT too:
+    Ctrl-C and torchrun's agent signal the trainer's whole process group), die with the
+    trainer."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent)
 
@@ -80,7 +81,8 @@ def signal_proof_writer_queue() -> None:
     """Megatron-core's checkpoint writer reports results through a multiprocessing Manager
     (a spawned server process) that it creates on the first save, in the private
     ``filesystem_async._results_queue``. SLURM delivers SIGTERM (preemption, ``scontrol
-    requeue``) and ``--signal=USR1`` to every process of the job step, so that server died on
+    requeue``) and ``--signal=USR1`` to every process of the job step (Ctrl-C and torchrun's
+    agent send SIGINT to the process group), so that server died on
     the very signal that asked for the save and the save failed with BrokenPipeError. Start
     the server ourselves with those signals ignored; the trainer's own processes keep
     handling them (flag -> agreed stop -> save). Since it ignores them, it ends itself when

@@ -2,7 +2,7 @@
 
 Points:
   * ``crash_in_save@N``: every rank exits :data:`FAULT_EXIT` between writing the weights of
-    checkpoint N and committing its folder (checkpointing.py);
+    checkpoint N and committing its folder (checkpointing/commit.py);
   * ``nan_loss@N``: the loss of iteration N reads as NaN (loop.py);
   * ``nan_weight@N``: rank 0 writes a NaN into its first weight before iteration N's forward
     pass (the weights themselves go bad, as after an overflowed update);
@@ -16,7 +16,7 @@ Points:
   * ``slow_steps@N``: every iteration from N on takes a second longer (loop.py), so a test
     can act on a launch that is still running;
   * ``slow_save@N``: the background writer of async checkpoint N waits :data:`SLOW_SAVE_S`
-    before writing (checkpointing.py), so a test can signal or kill a launch mid-write.
+    before writing (checkpointing/async_write.py), so a test can signal or kill a launch mid-write.
 Several faults: comma-separated, e.g. ``slow_save@20,slow_steps@20``.
 ``MEGATRON_CPT_TEST_FAULT_ONCE=FILE`` makes the fault fire once: not while FILE exists, and
 FILE is created when it fires (a requeued job keeps its environment).

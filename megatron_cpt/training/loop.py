@@ -511,7 +511,11 @@ class Launch:
             ("stop request from another rank or walltime" if want_stop else "stop_after_iterations")
         self.metrics.write({"kind": "event", "iteration": it, "event": "stop", "details": why})
         if self.rank == 0:
-            event(f"stopping at iteration {it} ({why}); exit {rf.EXIT_REQUEUE} = requeue")
+            said = stop.describe() if stop.received else why
+            kept = f"checkpoint {checkpointing.iter_name(it)} committed" if self.saved_at == it \
+                else "no checkpoint of this iteration (non-finite weights)"
+            event(f"stopping at iteration {it} ({said}); {kept}; exit {rf.EXIT_REQUEUE} = requeue "
+                  "(relaunch the same command to resume)")
         return rf.EXIT_REQUEUE
 
     def finish(self, code: int) -> None:

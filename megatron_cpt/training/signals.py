@@ -1,7 +1,9 @@
 """Preemption: signals set a flag; all ranks agree on the step to stop at.
 
 SIGTERM (SLURM preemption / scancel), SIGUSR1 and SIGUSR2 (submitit and ``--signal`` send
-these ahead of the time limit) only set a flag in the handler. Each step the flag travels in
+these ahead of the time limit) and SIGINT (Ctrl-C; torchrun's agent forwards it to every worker)
+only set a flag in the handler: a Ctrl-C saves like a preemption instead of raising
+KeyboardInterrupt mid-step on every rank. Each step the flag travels in
 the same all-reduce that carries the loss (:meth:`StopFlag.local_code`), so every rank learns
 "stop after this step" at the same iteration, saves one checkpoint together and exits with
 :data:`~megatron_cpt.run_folder.EXIT_REQUEUE`. ``train.exit_before_walltime_min`` raises the same flag on rank 0 when
@@ -14,7 +16,7 @@ import signal
 import subprocess
 import time
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopFlag:
@@ -35,6 +37,11 @@ class StopFlag:
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
+
+    def describe(self) -> str:
+        """The signal received, for the stop line: ``SIGINT, Ctrl-C``."""
+        name = signal.Signals(self.received).name
+        return f"{name}, Ctrl-C" if self.received == signal.SIGINT else name
 
     def local_code(self) -> float:
         """1.0 when this rank wants to stop (signal seen or walltime near), else 0.0."""
