@@ -67,7 +67,10 @@ srun --kill-on-bad-exit=1 ${CONTAINER[@]+"${CONTAINER[@]}"} \
     "data.valid=[{name: general, prefix: $DATA_ROOT/general_valid}, {name: legal, prefix: $DATA_ROOT/legal_valid}, {name: medical, prefix: $DATA_ROOT/medical_valid}, {name: accounting, prefix: $DATA_ROOT/accounting_valid}]" \
     "parallel.tp=2" \
     "parallel.pp=1" \
-    "budget.tokens=20000000000"
+    "budget.tokens=20000000000" \
+    "logging.wandb.group='qwen2.5-domain-cpt'" \
+    "logging.mlflow.experiment='qwen2.5-domain-cpt'" \
+    "logging.tags={study: 'qwen2.5-domain-cpt', size: '7b', domain: 'legal', kind: 'replay', cell: 'legal_replay5'}"
 rc=$?
 # The trainer's own verdict (rank 0 writes it before the ranks leave together): srun's code can
 # be a kill, because --kill-on-bad-exit stops the slower ranks once one has exited 42.

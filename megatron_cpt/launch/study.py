@@ -235,7 +235,7 @@ def _replay_spec(value, raw: _StudyFile, doc) -> ReplaySpec:
     spec.sizes = [z for z in sizes if z in known]
     if sizes and not spec.sizes:
         spec.fractions = []  # none of its sizes left: no replay cells (not "all sizes")
-    if not raw.general:
+    if spec.fractions and not raw.general:
         raise doc.error(("replay",), "replay cells blend in the general corpus: set general: true")
     return spec
 

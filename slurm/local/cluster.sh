@@ -50,6 +50,21 @@ known_pids() {
   cat "$BASE"/*.pid "$BASE"-[1-9]n/*.pid 2>/dev/null || true
 }
 
+# whether pid is one of our daemons, a process they forked, or a zombie (slurmctld forks children that keep
+# its name, e.g. slurmscriptd or a short-lived helper; seen by pgrep while another cluster starts)
+ours_or_child() {
+  local pid="$1" known
+  # a zombie is not a daemon: the parent a daemon forks away from stays <defunct> where no init
+  # reaps orphans (containers)
+  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] && return 0
+  known="$(known_pids)"
+  while [ -n "$pid" ] && [ "$pid" -gt 1 ]; do
+    if echo "$known" | grep -qx "$pid"; then return 0; fi
+    pid="$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || true)"
+  done
+  return 1
+}
+
 refuse_real_slurm() {
   for conf in /etc/slurm/slurm.conf /etc/slurm-llnl/slurm.conf; do
     if [ -e "$conf" ]; then
@@ -62,7 +77,7 @@ refuse_real_slurm() {
   esac
   for daemon in slurmctld slurmd; do
     for pid in $(pgrep -x "$daemon" || true); do
-      if ! known_pids | grep -qx "$pid"; then
+      if ! ours_or_child "$pid"; then
         fail "refusing to start: $daemon pid $pid was not started by this script (no $DIR/$daemon.pid)"
       fi
     done

@@ -135,7 +135,9 @@ def main() -> None:
         checkpointing.load(ckpt, gpt, optimizer, scheduler, checkpointing.Layout.of(spec["tp"], 1, 1))
         ref = torch.load(Path(spec["work"]) / "ref.pt")
         result = _compare(gpt, optimizer, ref, spec["tp"])
-    print(json.dumps({"rank": dist.get_rank(), **result}), flush=True)
+    # a file per rank: two ranks printing at once can share a line of torchrun's captured stdout
+    out = Path(spec["work"]) / f"{spec['phase']}.rank{dist.get_rank()}.result.json"
+    out.write_text(json.dumps({"rank": dist.get_rank(), **result}))
     shutdown()
 
 
