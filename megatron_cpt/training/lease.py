@@ -25,7 +25,7 @@ from megatron_cpt.errors import UsageError
 from megatron_cpt.run_folder import RunFolder, write_json_atomic
 
 HEARTBEAT_S = 5.0
-STALE_S = 120.0
+STALE_S = 120.0   # default; MCPT_LEASE_STALE_S overrides it (stale_s())
 LOST_EXIT = 1
 
 
@@ -46,6 +46,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def stale_s() -> float:
+    """How old a heartbeat may be before its holder counts as dead: :data:`STALE_S`, or
+    ``MCPT_LEASE_STALE_S`` (a cluster whose file system lags more, or a test)."""
+    return float(os.environ.get("MCPT_LEASE_STALE_S", STALE_S))
+
+
 def holder_dead(holder: dict, now: float | None = None) -> str | None:
     """Why ``holder`` no longer writes (None while it may still be alive)."""
     now = time.time() if now is None else now
@@ -55,8 +61,8 @@ def holder_dead(holder: dict, now: float | None = None) -> str | None:
     if job and holder.get("job") == job and holder.get("pid") != os.getpid():
         return f"SLURM job {job} was restarted"
     age = now - float(holder.get("heartbeat", 0))
-    if age > STALE_S:
-        return f"heartbeat {age:.0f} s old (limit {STALE_S:.0f} s)"
+    if age > stale_s():
+        return f"heartbeat {age:.0f} s old (limit {stale_s():.0f} s)"
     return None
 
 
@@ -79,7 +85,7 @@ def _create(path, record: dict) -> bool:
 
 def _in_use(run: RunFolder, holder: dict) -> UsageError:
     return UsageError(f"run folder {run.path} is in use by {describe(holder)}; stop that "
-                      f"launch, or wait {STALE_S:.0f} s after it died, then relaunch")
+                      f"launch, or wait {stale_s():.0f} s after it died, then relaunch")
 
 
 def check_free(run: RunFolder) -> None:
@@ -117,6 +123,17 @@ def acquire(run: RunFolder) -> tuple[dict, str | None]:
                      "it); make sure only one launch uses this run folder")
 
 
+def _taken(run: RunFolder, lease: dict | None, token: str) -> str | None:
+    if lease is not None and lease.get("token") != token:
+        return f"another launch took the lease of {run.path}: {describe(lease)}"
+    return None
+
+
+def lost(run: RunFolder, token: str) -> str | None:
+    """Why the launch holding ``token`` no longer owns ``run`` (None while it does)."""
+    return _taken(run, _read(run.lease_path), token)
+
+
 class Guard:
     """Per-rank watchdog thread: heartbeat (holder), lost lease, dead torchrun agent."""
 
@@ -146,8 +163,8 @@ class Guard:
             return None
         self._lease_read = time.time()
         lease = _read(self.run.lease_path)
-        if lease is not None and lease.get("token") != self.token:
-            return f"another launch took the lease of {self.run.path}: {describe(lease)}"
+        if problem := _taken(self.run, lease, self.token):
+            return problem
         if self.holder and lease is not None:
             try:  # a file-system hiccup must not end the thread: the next beat retries
                 write_json_atomic(self.run.lease_path, {**lease, "heartbeat": time.time()})

@@ -74,12 +74,12 @@ def build_training_state(cfg: TrainConfig, model_cfg, dtype: torch.dtype, iterat
     return gpt, model, optimizer, scheduler
 
 
-def _save_options(plan: RunPlan) -> "checkpointing.SaveOptions":
+def _save_options(plan: RunPlan, lease_token: str | None) -> "checkpointing.SaveOptions":
     c = plan.cfg.checkpoint
     return checkpointing.SaveOptions(
         run_dir=Path(plan.cfg.run_dir), pretrained=Path(plan.cfg.model.pretrained),
         keep_last=c.keep_last, keep_iterations=plan.keep_iterations, async_save=c.async_save,
-        fully_parallel=c.fully_parallel)
+        fully_parallel=c.fully_parallel, lease_token=lease_token)
 
 
 def _build(plan: RunPlan, device):
@@ -227,7 +227,8 @@ class SampleLog:
 class Launch:
     """One launch of a run: model state, data, metrics and the steps' bookkeeping."""
 
-    def __init__(self, plan: RunPlan, run: RunFolder, device: torch.device):
+    def __init__(self, plan: RunPlan, run: RunFolder, device: torch.device,
+                 lease_token: str | None = None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -241,7 +242,7 @@ class Launch:
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
         self.metrics.start_tracking(cfg.logging, self.iteration)
-        self.checkpointer = checkpointing.Checkpointer(_save_options(plan))
+        self.checkpointer = checkpointing.Checkpointer(_save_options(plan, lease_token))
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
         self.data = LaunchData(plan, run)
         self.dp_rank = ps.get_data_parallel_rank()
@@ -596,7 +597,7 @@ def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None)
                      timeout_min=cfg.train.collective_timeout_min)
     guard, took_over = lease.take(RunFolder(cfg.run_dir))  # one writer per run folder
     try:
-        code = _run_launch(plan, startup, took_over)
+        code = _run_launch(plan, startup, guard.token, took_over)
     except BaseException as exc:  # torch's CheckpointException is a BaseException
         if not isinstance(exc, SystemExit):
             _record_crash(RunFolder(cfg.run_dir), exc)
@@ -634,11 +635,11 @@ def _already_complete(plan: RunPlan) -> int:
     return rf.EXIT_OK
 
 
-def _run_launch(plan: RunPlan, startup, took_over: str | None) -> int:
+def _run_launch(plan: RunPlan, startup, lease_token: str, took_over: str | None) -> int:
     """Record the run, build the launch, run its steps and write the verdict (collective)."""
     from megatron_cpt.runtime import compute_device
 
-    launch = Launch(plan, record_run(plan, startup), compute_device())
+    launch = Launch(plan, record_run(plan, startup), compute_device(), lease_token)
     if took_over:
         launch.metrics.write({"kind": "event", "iteration": launch.iteration, "event": "lease",
                               "details": took_over})

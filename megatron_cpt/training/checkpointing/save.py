@@ -3,6 +3,8 @@ or async, through megatron-core's dist checkpointing (optionally fully parallel)
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ class SaveOptions:
     keep_iterations: set[int]
     async_save: bool = False
     fully_parallel: bool = False
+    lease_token: str | None = None  # the run-folder lease this launch holds: checked at commit
 
 
 class Checkpointer:
@@ -71,6 +74,8 @@ class Checkpointer:
         dist.barrier()
         torch.save(_rng_state(), tmp / TRAINER / f"rank_{dist.get_rank():05d}.pt")
         meta = {"kind": RESUME, "iteration": iteration, "scheduler": scheduler.state_dict(),
+                "written_by": {"host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID"),
+                               "pid": os.getpid()},
                 "adam_step": _adam_step(optimizer), "world_size": dist.get_world_size(), **meta}
         commit = functools.partial(self._commit, tmp, final, iteration, meta)
         state = _state_dicts(gpt, optimizer, False,
