@@ -59,7 +59,7 @@ class ExitCode:
     meaning: str
 
 
-EXIT_OK, EXIT_NONFINITE, EXIT_HANG, EXIT_REQUEUE = 0, 3, 4, 42
+EXIT_OK, EXIT_NONFINITE, EXIT_HANG, EXIT_LEASE_LOST, EXIT_REQUEUE = 0, 3, 4, 5, 42
 EXIT_CODES = {e.code: e for e in (
     ExitCode(EXIT_OK, "done", "DONE", "budget spent, final checkpoint written"),
     ExitCode(UsageError.exit_code, "usage", "FAILED",
@@ -69,6 +69,9 @@ EXIT_CODES = {e.code: e for e in (
     ExitCode(EXIT_HANG, "hang", "HUNG",
              "no step or save completed within train.hang_timeout_min: every rank's stacks in "
              "hang/; retried like a crash"),
+    ExitCode(EXIT_LEASE_LOST, "lease_lost", "SUPERSEDED",
+             "another launch took over the run folder (this one froze past the lease's "
+             "staleness); stopped without committing: do not requeue"),
     ExitCode(EXIT_REQUEUE, "requeue", "STOPPED",
              "stopped early (signal, walltime, stop_after_iterations), checkpoint written: "
              "requeue the same command"),
@@ -83,7 +86,8 @@ def exit_state(code: int | None) -> str:
 
 # -- the requeue decision --------------------------------------------------------------------
 REQUEUE, RETRY, FINISHED, FAILED, GIVE_UP = "requeue", "retry", "finished", "failed", "give_up"
-NEVER_RETRIED = (UsageError.exit_code, EXIT_NONFINITE)  # the same input fails the same way again
+# the same input fails the same way again; a superseded launch has a successor that owns the run
+NEVER_RETRIED = (UsageError.exit_code, EXIT_NONFINITE, EXIT_LEASE_LOST)
 LAUNCHES = "launches.jsonl"
 
 

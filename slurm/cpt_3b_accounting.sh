@@ -8,7 +8,8 @@
 # Resumes by itself: the trainer saves and exits 42 on SIGUSR1 (300 s before the time
 # limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
 # the same job, which continues from the latest checkpoint in the same run folder. A crash (any
-# exit but 0, 2 bad input, 3 non-finite loss, 42) is retried the same way up to MAX_FAILURES times;
+# exit but 0, 2 bad input, 3 non-finite loss, 5 superseded by another launch, 42) is
+# retried the same way up to MAX_FAILURES times;
 # every launch's outcome is appended to $RUN_DIR/launches.jsonl. A requeue SLURM refuses exits 1.
 #
 # Overrides (environment variables at `sbatch` time; they are exported to the job):
@@ -83,6 +84,7 @@ record() {  # decision, note: one JSON line per launch
     2) reason="usage" ;;
     3) reason="nonfinite" ;;
     4) reason="hang" ;;
+    5) reason="lease_lost" ;;
     42) reason="requeue" ;;
     *) reason="crash" ;;
   esac
@@ -93,7 +95,7 @@ failures="$(grep -F "\"job\": \"$SLURM_JOB_ID\"" "$HISTORY" 2>/dev/null | grep -
 failures="${failures:-0}"
 case "$code" in
   0) record finished ""; exit 0 ;;
-  2|3) record failed "not retried"; exit "$code" ;;
+  2|3|5) record failed "not retried"; exit "$code" ;;
   42)
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
       record give_up "stopped early again after $MAX_REQUEUES requeues"

@@ -83,7 +83,7 @@ def test_requeue_decision_and_its_sbatch_rendering_agree(tmp_path):
     script = (f"code=$1\nMAX_REQUEUES=2\nMAX_FAILURES=1\nRUN_DIR={run.path}\n"
               + rf.requeue_shell("job") + "\n")
     other_job = rf.launch_record("76", 0, 1, rf.RETRY)  # another job's crashes do not count
-    for code in (0, 1, 2, 3, 42, 137):
+    for code in (0, 1, 2, 3, 5, 42, 137):
         for restarts, failures, refuse in product((0, 2, 3), (0, 1), (0, 1)):
             record.unlink(missing_ok=True)
             run.launches_path.unlink(missing_ok=True)

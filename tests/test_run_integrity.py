@@ -133,3 +133,34 @@ def test_only_global_rank_0_hashes_the_data(monkeypatch, env, hashes):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert preflight._hashing_rank() is hashes
+
+
+def test_a_superseded_launch_never_commits(tmp_path):
+    """Rank 0 reads the lease again at commit: when another launch took the run folder over
+    (this one froze past the staleness), the uncommitted folder is dropped and the process
+    exits 5 (never retried) before any rename; `latest` and the committed checkpoints stay the
+    new holder's. The cross-node version (a frozen node that comes back) is in test_multinode."""
+    from megatron_cpt.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    ckpts = run.checkpoints
+    (ckpts / ".iter_0000008.tmp").mkdir(parents=True)
+    (ckpts / "latest").write_text("iter_0000006")
+    run.lease_path.write_text(json.dumps({"host": "mcpt-n1", "job": "9", "pid": 1, "token": "new",
+                                          "heartbeat": time.time()}))
+    code = ("import sys; from pathlib import Path\n"
+            "from megatron_cpt.training.checkpointing.commit import _stop_unless_leased\n"
+            "from megatron_cpt.training.checkpointing.save import SaveOptions\n"
+            "o = SaveOptions(run_dir=Path(sys.argv[1]), pretrained=Path('.'), keep_last=1,\n"
+            "                keep_iterations=set(), lease_token=sys.argv[2])\n"
+            "_stop_unless_leased(o, Path(sys.argv[1]) / 'checkpoints' / '.iter_0000008.tmp', 8)\n"
+            "print('committed')\n")
+    ours = subprocess.run([sys.executable, "-c", code, str(run.path), "new"], capture_output=True,
+                          text=True)
+    assert ours.returncode == 0 and "committed" in ours.stdout, ours.stderr  # still ours: goes on
+    lost = subprocess.run([sys.executable, "-c", code, str(run.path), "old"], capture_output=True,
+                          text=True)
+    assert lost.returncode == 5, lost.stdout + lost.stderr
+    assert "another launch took the lease" in lost.stdout and "checkpoint 8 not committed" in lost.stdout
+    assert not (ckpts / ".iter_0000008.tmp").exists()
+    assert (ckpts / "latest").read_text() == "iter_0000006"

@@ -70,7 +70,8 @@ def render(cell: Cell) -> str:
 ({size.signal_s} s before the time
 # limit), SIGTERM (preemption, scontrol requeue) or its walltime margin; this script then requeues
 # the same job, which continues from the latest checkpoint in the same run folder. A crash (any
-# exit but 0, 2 bad input, 3 non-finite loss, {rf.EXIT_REQUEUE}) is retried the same way up to MAX_FAILURES times;
+# exit but 0, 2 bad input, 3 non-finite loss, 5 superseded by another launch, {rf.EXIT_REQUEUE}) is
+# retried the same way up to MAX_FAILURES times;
 # every launch's outcome is appended to $RUN_DIR/{rf.LAUNCHES}. A requeue SLURM refuses exits 1.
 #
 # Overrides (environment variables at `sbatch` time; they are exported to the job):

@@ -22,11 +22,11 @@ import time
 import uuid
 
 from megatron_cpt.errors import UsageError
-from megatron_cpt.run_folder import RunFolder, write_json_atomic
+from megatron_cpt.run_folder import EXIT_LEASE_LOST, RunFolder, write_json_atomic
 
 HEARTBEAT_S = 5.0
 STALE_S = 120.0   # default; MCPT_LEASE_STALE_S overrides it (stale_s())
-LOST_EXIT = 1
+LOST_EXIT = EXIT_LEASE_LOST  # never retried: the launch that took over owns the run
 
 
 def _read(path) -> dict | None:
@@ -142,6 +142,7 @@ class Guard:
         self.agent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
         self._stop = threading.Event()
         self._lease_read = 0.0
+        self._verified = time.time()
         self._thread = threading.Thread(target=self._loop, name="run-lease", daemon=True)
 
     def start(self) -> "Guard":
@@ -171,6 +172,18 @@ class Guard:
             except OSError:
                 pass
         return None
+
+    def verify(self) -> None:
+        """The main thread's check before it writes to the run folder (metrics): after a pause
+        longer than a heartbeat (a frozen process or node) this thread and the guard thread wake
+        together, and this one must not write a record before the lease is read again."""
+        now = time.time()
+        if now - self._verified < HEARTBEAT_S:
+            return
+        self._verified = now
+        if problem := lost(self.run, self.token):
+            print(f"[run lease] {problem}: this process stops (exit {LOST_EXIT})", flush=True)
+            os._exit(LOST_EXIT)
 
     def release(self) -> None:
         """Stop watching; the holder removes the lease if it is still ours."""

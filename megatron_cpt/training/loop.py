@@ -228,7 +228,7 @@ class Launch:
     """One launch of a run: model state, data, metrics and the steps' bookkeeping."""
 
     def __init__(self, plan: RunPlan, run: RunFolder, device: torch.device,
-                 lease_token: str | None = None):
+                 guard: lease.Guard | None = None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -237,12 +237,15 @@ class Launch:
         self.rank = dist.get_rank()
         self.gpt, self.model, self.optimizer, self.scheduler, resume = _build(plan, device)
         self.metrics = Metrics(run.path, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
+        if guard is not None:
+            self.metrics.before_write = guard.verify
         self.skipped = 0   # updates dropped by train.on_nonfinite=skip, over the whole run
         self.spikes = nonfinite.SpikeWatch(cfg.train.spike_factor)
         self.iteration = self._resume(resume)
         self.saved_at = self.iteration if resume is not None else -1
         self.metrics.start_tracking(cfg.logging, self.iteration)
-        self.checkpointer = checkpointing.Checkpointer(_save_options(plan, lease_token))
+        self.checkpointer = checkpointing.Checkpointer(
+            _save_options(plan, guard.token if guard is not None else None))
         self.launched = 0  # iterations run by this launch (train.stop_after_iterations)
         self.data = LaunchData(plan, run)
         self.dp_rank = ps.get_data_parallel_rank()
@@ -597,7 +600,7 @@ def train(cfg: TrainConfig, force: bool = False, resume_from: str | None = None)
                      timeout_min=cfg.train.collective_timeout_min)
     guard, took_over = lease.take(RunFolder(cfg.run_dir))  # one writer per run folder
     try:
-        code = _run_launch(plan, startup, guard.token, took_over)
+        code = _run_launch(plan, startup, guard, took_over)
     except BaseException as exc:  # torch's CheckpointException is a BaseException
         if not isinstance(exc, SystemExit):
             _record_crash(RunFolder(cfg.run_dir), exc)
@@ -635,11 +638,11 @@ def _already_complete(plan: RunPlan) -> int:
     return rf.EXIT_OK
 
 
-def _run_launch(plan: RunPlan, startup, lease_token: str, took_over: str | None) -> int:
+def _run_launch(plan: RunPlan, startup, guard: lease.Guard, took_over: str | None) -> int:
     """Record the run, build the launch, run its steps and write the verdict (collective)."""
     from megatron_cpt.runtime import compute_device
 
-    launch = Launch(plan, record_run(plan, startup), compute_device(), lease_token)
+    launch = Launch(plan, record_run(plan, startup), compute_device(), guard)
     if took_over:
         launch.metrics.write({"kind": "event", "iteration": launch.iteration, "event": "lease",
                               "details": took_over})

@@ -27,6 +27,7 @@ class Metrics:
         run = RunFolder(run_dir)
         self.run, self.path = run, run.metrics_path
         self.tracking: tracking.Tracking | None = None
+        self.before_write = None  # the lease guard's verify: no record from a superseded launch
         # what earlier launches logged, read before this launch appends (tracking: each step once)
         self._floor = tracking.logged_floor(run.metrics()) if enabled else -1
         self._file = open(self.path, "a") if enabled else None
@@ -49,6 +50,8 @@ class Metrics:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self.before_write is not None:
+            self.before_write()
         self._append(record)
         if self.tracking is not None:
             self.tracking.log(record)
