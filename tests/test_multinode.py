@@ -312,3 +312,112 @@ def test_submitit_grid_cell_on_two_nodes(mn_study, reference, monkeypatch):
     assert where["hosts"] == list(NODES), where
     assert [r["host"] for r in where["ranks"]] == ["mcpt-n1", "mcpt-n1", "mcpt-n2", "mcpt-n2"]
     assert _losses(run) == reference, "grid losses on two nodes differ from the one-host run"
+
+
+@pytest.fixture(scope="module")
+def one_node_script(mn_study) -> Path:
+    """The same cell on one node (TP2, 2 tasks), so a job can be pinned to either node."""
+    doc = yaml.safe_load(mn_study["path"].read_text())
+    doc["sizes"]["tiny-b"].update(nodes=1, tasks_per_node=2)
+    path = mn_study["root"] / "study-1node.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    scripts = render_all(StudyConfig.load(path, use_env=False), mn_study["root"] / "scripts-1node")
+    script = next(p for p in scripts if p.name == "cpt_tiny-b_legal.sh")
+    assert "#SBATCH --nodes=1" in script.read_text()
+    return script
+
+
+def _submit_on(script: Path, study_dir: Path, node: str, env: dict) -> str:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MCPT_PYTHON": sys.executable, "MCPT_REPO": str(REPO),
+           "MCPT_STUDY_DIR": str(study_dir), **env}
+    out = subprocess.run(["sbatch", "--parsable", f"--nodelist={node}", str(script)],
+                         capture_output=True, text=True, env=env, cwd=study_dir, check=True).stdout
+    return out.strip().split(";")[0]
+
+
+def _train_after(records: list[dict], event: str) -> list[int]:
+    """Train iterations logged after the first ``event`` record."""
+    at = next(i for i, r in enumerate(records) if r["kind"] == "event" and r["event"] == event)
+    return [r["iteration"] for r in records[at:] if r["kind"] == "train"]
+
+
+def test_a_frozen_node_that_returns_gets_no_second_copy(one_node_script, mn_study):
+    """A run on mcpt-n2 is frozen (SIGSTOP of its processes, as a node that stops answering)
+    after its first checkpoint. A relaunch on mcpt-n1 is refused while the lease's heartbeat is
+    fresh (the pid cannot be checked from another host); once it is older than
+    MCPT_LEASE_STALE_S the relaunch takes the run over and resumes. Then the frozen node comes
+    back (SIGCONT): its launch stops with exit 5 (superseded, not retried) without writing a
+    record or committing a checkpoint, and the run ends with each iteration logged once after
+    the takeover and every later checkpoint written by the new job."""
+    import signal
+
+    study_dir = mn_study["root"] / "frozen"
+    run = study_dir / "runs" / "tiny-b" / "legal"
+    first = _submit_on(one_node_script, study_dir, "mcpt-n2",
+                       {"MEGATRON_CPT_TEST_FAULT": "slow_steps@11"})
+    deadline, frozen = time.time() + 600, []
+    while time.time() < deadline and not frozen:
+        done = [r["iteration"] for r in _records(run) if r["kind"] == "train"]
+        if (run / "checkpoints" / "latest").is_file() and done and max(done) >= 11:
+            frozen = [p for p in _job_processes("mcpt-n2")
+                      if "megatron_cpt" in _cmdline(p) and str(study_dir) in _cmdline(p)]
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            break
+        assert _job(first).get("JobState") not in FINAL_STATES, _log(study_dir, first)
+        time.sleep(0.2)
+    assert frozen, f"job {first} never passed its first checkpoint"
+    frozen_at, logged_before = time.time(), len(_records(run))
+    try:
+        refused = _submit_on(one_node_script, study_dir, "mcpt-n1", {})
+        job = _wait(refused, timeout=300)
+        assert job["ExitCode"].startswith("2:"), (job, _log(study_dir, refused))
+        assert "is in use by host mcpt-n2" in _log(study_dir, refused)
+        assert len(_records(run)) == logged_before, "a refused launch wrote to the run folder"
+        stale_s = 10
+        while time.time() < frozen_at + stale_s:
+            time.sleep(0.5)
+        second = _submit_on(one_node_script, study_dir, "mcpt-n1",
+                            {"MCPT_LEASE_STALE_S": str(stale_s),
+                             "MEGATRON_CPT_TEST_FAULT": "slow_steps@1"})
+        while time.time() < deadline:
+            records = _records(run)
+            if any(r["kind"] == "event" and r["event"] == "lease" for r in records) \
+                    and len(_train_after(records, "lease")) >= 2:
+                break
+            assert _job(second).get("JobState") not in FINAL_STATES, _log(study_dir, second)
+            time.sleep(0.2)
+    finally:
+        thawed_at = time.time()
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    job_a = _wait(first, timeout=300)
+    ended_after = time.time() - thawed_at
+    job_b = _wait(second)
+    assert job_b["JobState"] == "COMPLETED", (job_b, _log(study_dir, second))
+    assert job_a["ExitCode"].startswith("5:") and int(job_a["Restarts"]) == 0, \
+        (job_a, _log(study_dir, first))
+    assert "[run lease] another launch took the lease" in _log(study_dir, first)
+    records = _records(run)
+    takeover = next(r for r in records if r["kind"] == "event" and r["event"] == "lease")
+    assert "took over the lease of host mcpt-n2" in takeover["details"], takeover
+    assert "heartbeat" in takeover["details"], takeover
+    resume = next(r for r in records[records.index(takeover):]
+                  if r["kind"] == "event" and r["event"] == "resume")
+    after = _train_after(records, "lease")
+    assert after == list(range(resume["iteration"] + 1, ITERATIONS + 1)), \
+        f"iterations logged after the takeover: {after} (a second writer?)"
+    for ckpt in sorted((run / "checkpoints").glob("iter_*")):
+        meta = json.loads((ckpt / "metadata.json").read_text())
+        if meta["iteration"] > resume["iteration"]:
+            assert meta["written_by"]["job"] == second and meta["written_by"]["host"] == "mcpt-n1", meta
+    history = [(h["job"], h["reason"], h["decision"]) for h in _history(run)]
+    assert (first, "lease_lost", "failed") in history and (second, "done", "finished") in history, history
+    print(f"frozen node: relaunch refused while the lease was fresh; taken over "
+          f"{takeover['time'] - frozen_at:.1f} s after the freeze (staleness {stale_s} s), resumed "
+          f"at iteration {resume['iteration']}; the returning launch ended {ended_after:.1f} s "
+          f"after SIGCONT with exit 5 and wrote nothing")
