@@ -59,15 +59,20 @@ def _last(run_dir: Path, kind: str, key: str = "loss") -> dict[tuple, float]:
     return {(r["iteration"], r.get("prefix")): r[key] for r in records(run_dir, kind)}
 
 
-def _wandb_history(wandb_dir: Path, rid: str) -> tuple[list[dict], list[Path]]:
-    """Every history row of the offline run files of ``rid``, read with wandb's own reader
+def _wandb_records(path: Path) -> list[dict]:
+    """Every record of one offline run file, read with wandb's own reader
     (``wandb leet inspect --json``: wandb-core's transaction-log scanner)."""
+    out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(path)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _wandb_history(wandb_dir: Path, rid: str) -> tuple[list[dict], list[Path]]:
+    """Every history row of the offline run files of ``rid``."""
     rows = []
     files = sorted(wandb_dir.glob(f"wandb/offline-run-*-{rid}/run-{rid}.wandb"))
     for path in files:
-        out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(path)],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
-        rows += [rec["history"]["item"] for rec in map(json.loads, out.splitlines())
+        rows += [rec["history"]["item"] for rec in _wandb_records(path)
                  if rec.get("type") == "history"]
     return rows, files
 
@@ -180,3 +185,124 @@ def test_tracking_settings_are_checked_with_the_config(override, message):
     with pytest.raises(UsageError) as err:
         TrainConfig.load(Path(__file__).parents[1] / "configs" / "train" / "tiny-cpu.yaml", [override])
     assert str(err.value).startswith(message)
+
+
+# ----------------------------------------------------------------------------- report --log-to
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """test_report's synthetic study (hand-built eval files, no models); its name: synthetic."""
+    from test_report import make_study
+
+    return make_study(tmp_path_factory.mktemp("study"))
+
+
+def _report(study: Path, out: Path, *extra: str) -> int:
+    from megatron_cpt.cli import main
+
+    return main(["report", "--study", str(study), "--out", str(out), "--bootstrap", "20", *extra])
+
+
+def test_report_logged_to_mlflow_file_store(study, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cpt.report.render import SUMMARY_HEAD, summary_rows
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri, out = f"file://{tmp_path}/mlruns", tmp_path / "report"
+    for _ in range(2):  # a re-run into the same folder updates the same tracked run
+        assert _report(study, out, "--log-to", "mlflow", "--mlflow-tracking-uri", uri) == 0
+    results = json.loads((out / "results.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "report"
+    assert runs[0].data.tags["kind"] == "report" and runs[0].data.tags["study"] == "synthetic"
+    assert runs[0].info.status == "FINISHED"
+    mid = runs[0].info.run_id
+    listed = {a.path for a in client.list_artifacts(mid)}
+    assert {"report.md", "report.html", "results.json", "summary_table.json",
+            *results["plots"]} <= listed and "sger_vs_size.png" in listed
+    metrics = runs[0].data.metrics
+    assert metrics["sger/1b/legal"] == results["cells"]["1b/legal"]["sger"]["value"] == 4.0
+    assert metrics["fit_exponent/legal/sger"] == results["fits"]["legal"]["sger"]["b"]
+    assert "sger/8b/legal" not in metrics  # undefined (no general run): left out
+    table = json.loads(Path(client.download_artifacts(mid, "summary_table.json", str(tmp_path)))
+                       .read_text())
+    assert table == {"columns": SUMMARY_HEAD, "data": summary_rows(results)}
+
+
+def test_report_logged_to_wandb_offline_where_the_runs_log(study, tmp_path, monkeypatch):
+    import shutil
+
+    from megatron_cpt.report.render import SUMMARY_HEAD, summary_rows
+
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    for d in copy.glob("runs/*/*"):  # as a study whose base config turned W&B on
+        if (d / "config.yaml").is_file():
+            with (d / "config.yaml").open("a") as fh:
+                fh.write("logging:\n  wandb: {project: cpt-test, mode: offline}\n")
+    for key in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):  # staging, not $HOME
+        monkeypatch.setenv(key, str(tmp_path / key.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "report"
+    assert _report(copy, out, "--log-to", "wandb") == 0
+    results = json.loads((out / "results.json").read_text())
+    files = sorted(out.glob("wandb/offline-run-*-report-synthetic-*/run-*.wandb"))
+    assert len(files) == 1
+    recs = _wandb_records(files[0])
+    run = next(r["run"] for r in recs if r["type"] == "run")
+    assert run["project"] == "cpt-test" and run["run_group"] == "synthetic"
+    assert run["display_name"] == "report" and "kind:report" in run["tags"]
+    summary = {k: v for r in recs if r["type"] == "summary"
+               for k, v in r["summary"]["update"].items()}
+    assert summary["sger/1b/legal"] == results["cells"]["1b/legal"]["sger"]["value"]
+    assert summary["sger_control/1b/legal"] == results["cells"]["1b/legal"]["sger_control"]["value"]
+    history = [r["history"]["item"] for r in recs if r["type"] == "history"]
+    table = json.loads((files[0].parent / "files" / history[0]["summary_table.path"]).read_text())
+    assert table["columns"] == SUMMARY_HEAD and table["data"] == summary_rows(results)
+    artifact = next(r["artifact"] for r in recs if r["type"] == "artifact"
+                    and r["artifact"]["type"] == "report")
+    assert artifact["name"] == "report-synthetic"
+    assert {c["path"] for c in artifact["manifest"]["contents"]} == {
+        "report.md", "report.html", "results.json", *results["plots"]}
+
+
+def test_report_tracker_failure_is_one_warning_after_the_report(study, tmp_path, capsys):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the MLflow store folder should be")
+    args = ("--log-to", "mlflow", "--mlflow-tracking-uri", f"file://{blocker}/mlruns")
+    for strict, code in ((False, 0), (True, 1)):
+        out = tmp_path / f"report-{strict}"
+        assert _report(study, out, *args, *(["--strict"] if strict else [])) == code
+        assert (out / "report.md").is_file() and (out / "results.json").is_file()
+        warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith("megatron-cpt report: warning: logging to mlflow failed (")
+        assert warnings[0].endswith(f"the report is in {out} only")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--log-to", "mlflow"], "--log-to mlflow needs --mlflow-tracking-uri: no run of the study "
+     "sets logging.mlflow.tracking_uri and MLFLOW_TRACKING_URI is not set"),
+    (["--log-to", "wandb"], "--log-to wandb needs --wandb-project"),
+    (["--log-to", "mlflow", "--mlflow-tracking-uri", "ftp://host/x"], "MLflow tracking URI "
+     "'ftp://host/x': scheme unknown"),
+    (["--wandb-project", "p"], "--wandb-project needs --log-to wandb"),
+])
+def test_report_tracking_settings_refused_before_any_work(study, tmp_path, capsys, monkeypatch,
+                                                          args, message):
+    for key in ("MLFLOW_TRACKING_URI", "WANDB_PROJECT"):
+        monkeypatch.delenv(key, raising=False)
+    assert _report(study, tmp_path / "report", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"megatron-cpt report: error: {message}"), err
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_unknown_tracker_is_an_argparse_error(study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _report(study, tmp_path / "report", "--log-to", "neptune")
+    assert exc.value.code == 2
+    assert "argument --log-to: invalid choice: 'neptune'" in capsys.readouterr().err

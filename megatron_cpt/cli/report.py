@@ -21,7 +21,8 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--seed", **arg_range(int, 0), default=0, help="bootstrap seed")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2, nothing written) when an eval file cannot be read; by "
-                   "default it is skipped and named on stderr and in report.md's notes")
+                   "default it is skipped and named on stderr and in report.md's notes. With "
+                   "--log-to: exit 1 when a tracker fails (the report is written either way)")
     p.add_argument("--forgetting-budget", **arg_range(float, 0, lo_open=True), default=None,
                    help="replay recommendation: largest allowed increase of general validation "
                    "loss over the base model, in nats (default: the study's "
@@ -29,7 +30,28 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--target-domain-loss", **arg_range(float, 0, lo_open=True), default=None,
                    help="replay recommendation: domain validation loss to reach (default: the "
                    "pure domain run's predicted loss at the study's budget)")
+    _register_tracking(p)
     p.set_defaults(func=_run)
+
+
+def _register_tracking(p: argparse.ArgumentParser) -> None:
+    """--log-to and where to: each setting defaults to the study's runs' logging.<backend>
+    section, then the environment, then the study name (group, experiment)."""
+    g = p.add_argument_group("experiment tracking", "log the written report (summary table, "
+                             "files, plots, SGER and fit exponents) as one run named 'report' "
+                             "(tag kind=report) beside the study's runs; docs/report.md")
+    g.add_argument("--log-to", action="append", choices=("wandb", "mlflow"), default=[],
+                   help="tracker to log the report to (repeat for both)")
+    g.add_argument("--wandb-project", help="W&B project (default: the runs' "
+                   "logging.wandb.project, else $WANDB_PROJECT)")
+    g.add_argument("--wandb-entity", help="W&B entity (default: the runs', else $WANDB_ENTITY)")
+    g.add_argument("--wandb-group", help="W&B group (default: the runs', else the study name)")
+    g.add_argument("--wandb-mode", choices=("online", "offline"),
+                   help="W&B mode (default: the runs', else online); offline: sync later")
+    g.add_argument("--mlflow-tracking-uri", help="MLflow tracking URI, e.g. file:///abs/mlruns "
+                   "(default: the runs' logging.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI)")
+    g.add_argument("--mlflow-experiment", help="MLflow experiment (default: the runs', else "
+                   "the study name)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -39,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
+    targets = _tracking_targets(args)  # bad settings: exit 2 before any work
     out = args.out or args.study / "report"
     results = build_report(args.study, out, bootstrap=args.bootstrap, seed=args.seed,
                            strict=args.strict, forgetting_budget=args.forgetting_budget,
@@ -50,4 +73,29 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(results))
     if results["missing"]:
         print(f"missing: {len(results['missing'])} (listed in report.md)")
-    return 0
+    return _log_report(results, out, targets, args.strict)
+
+
+def _tracking_targets(args: argparse.Namespace) -> dict:
+    """The settings of each --log-to tracker ({} without --log-to); UsageError when wrong."""
+    import dataclasses
+
+    from megatron_cpt.report.load import study_runs
+    from megatron_cpt.report.tracking import SECTIONS, sections
+
+    given = {b: {f.name: getattr(args, f"{b}_{f.name}") for f in dataclasses.fields(cls)}
+             for b, cls in SECTIONS.items()}
+    if not args.log_to and not any(v for values in given.values() for v in values.values()):
+        return {}
+    return sections(args.log_to, given, *study_runs(args.study))
+
+
+def _log_report(results: dict, out: Path, targets: dict, strict: bool) -> int:
+    """Log the written report; a tracker that fails is a warning (exit 1 with --strict)."""
+    if not targets:
+        return 0
+    from megatron_cpt.report.tracking import log_report
+
+    failed = log_report(results, out, targets, warn=lambda line: print(
+        f"megatron-cpt report: warning: {line}", file=sys.stderr))
+    return 1 if failed and strict else 0

@@ -260,6 +260,16 @@ def _discover(root: Path) -> tuple[dict, list[dict], list[str]]:
     return spec, cells, notes
 
 
+def study_runs(root: Path) -> tuple[str, list[Path]]:
+    """The study's name (as :func:`load_study` names it) and its run folders, without reading
+    any evaluation: what ``report --log-to`` checks its settings against before the report."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"study folder {root} does not exist")
+    spec, cells, _ = _discover(root)
+    return str(spec.get("name") or root.name), [Path(c["run_dir"]) for c in cells]
+
+
 def _read_runs(cells: list[dict], size_params: dict, missing: list[str], notes: list[str],
                skipped: dict[str, str]) -> tuple[dict[str, Run], dict[str, dict[int, Path]]]:
     """Each cell's run with its scored points; fills ``size_params`` from the runs' configs."""

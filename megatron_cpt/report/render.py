@@ -382,10 +382,13 @@ def _clean(x):
     return x
 
 
+REPORT_FILES = {"md": "report.md", "html": "report.html", "json": "results.json"}  # in OUT
+
+
 def write_all(results: dict, out: Path) -> dict[str, Path]:
     out = Path(out)
     md = to_markdown(results)
-    paths = {"md": out / "report.md", "html": out / "report.html", "json": out / "results.json"}
+    paths = {k: out / name for k, name in REPORT_FILES.items()}
     paths["md"].write_text(md)
     paths["html"].write_text(to_html(md, out, f"Study report: {results['study']}"))
     paths["json"].write_text(json.dumps(_clean(results), indent=1))

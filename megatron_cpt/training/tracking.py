@@ -13,6 +13,9 @@ the same records with ``iteration`` as the step (``tokens`` and ``flops`` as ext
   it started (:func:`logged_floor`); those records stay in ``metrics.jsonl``.
 * **Never a reason to fail training.** A tracker that cannot start or raises later is turned
   off with one warning and a ``tracking_disabled`` event in ``metrics.jsonl``.
+
+``report --log-to`` (report/tracking.py) opens the same backends for the study's report run
+and adds a table, files and summary numbers (``log_table``, ``log_files``, ``log_summary``).
 """
 from __future__ import annotations
 
@@ -122,6 +125,21 @@ class WandbBackend:
         self.run.define_metric("eval/*", step_metric="eval/iteration")
         self.run.log({**vals, "eval/iteration": step})
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A W&B Table (sortable in the UI), logged at the run's next step."""
+        self.run.log({key: self._wandb.Table(columns=columns, data=rows)})
+
+    def log_files(self, name: str, kind: str, paths: list[Path]) -> None:
+        """``paths`` as one artifact ``name`` (a re-run: its next version)."""
+        art = self._wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type=kind)
+        for path in paths:
+            art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def log_summary(self, vals: dict[str, float]) -> None:
+        """Numbers of the run as a whole: the run summary, not a step of its history."""
+        self.run.summary.update(vals)
+
     def close(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -172,6 +190,20 @@ class MlflowBackend:
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in vals.items()])
 
     log_eval = log  # MLflow takes any step
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """``<key>.json`` in the layout ``log_table`` writes (columns + data), replaced on a
+        re-run (``log_table`` itself would append the rows again)."""
+        self.client.log_dict(self.run_id, {"columns": columns, "data": rows}, f"{key}.json")
+
+    def log_files(self, name: str, kind: str, paths: list[Path]) -> None:
+        """At the run's artifact root (``name`` / ``kind`` name W&B's artifact only)."""
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_summary(self, vals: dict[str, float]) -> None:
+        """MLflow has no summary apart from metrics: step 0."""
+        self.log(0, vals)
 
     def close(self, exit_code: int) -> None:
         status = self._resumed_status or ("FINISHED" if exit_code == 0 else "KILLED")
