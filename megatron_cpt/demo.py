@@ -171,8 +171,18 @@ def wait_for_jobs(launches: dict, timeout_s: float = 3600) -> None:
         raise SystemExit(f"demo: jobs still running after {timeout_s:.0f} s: {pending}")
 
 
+def tracked_with_mlflow(study, out: Path):
+    """The study with every cell logging to an MLflow file store under ``OUT/mlruns`` (no
+    server, no network): the grid already names the experiment after the study and tags each
+    cell with its size, domain and kind; `eval run` adds each checkpoint's exam scores."""
+    uri = f"logging.mlflow.tracking_uri=file://{out / 'mlruns'}"
+    sizes = {name: dataclasses.replace(spec, overrides=[*spec.overrides, uri])
+             for name, spec in study.sizes.items()}
+    return dataclasses.replace(study, sizes=sizes)
+
+
 def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = None,
-              bootstrap: int = 1000, sizes: list[str] | None = None) -> dict:
+              bootstrap: int = 1000, sizes: list[str] | None = None, mlflow: bool = False) -> dict:
     from megatron_cpt.launch.grid import submit_grid
     from megatron_cpt.launch.study import StudyConfig
     from megatron_cpt.report import build_report
@@ -182,6 +192,8 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     # the demo's roots, passed explicitly (the caller's MCPT_* variables do not apply)
     study = dataclasses.replace(StudyConfig.load(STUDY, use_env=False), study_dir=out / "study",
                                 data_root=out / "data", checkpoint_root=out / "checkpoints")
+    if mlflow:
+        study = tracked_with_mlflow(study, out)
     cells = study.cells(sizes=sizes, corpora=corpora)
     chosen = {c.size.name: c.size for c in cells}
     needed = sorted({c.corpus for c in cells} | {"general"})
@@ -209,6 +221,13 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     t = time.time()
     log("4/4 report")
     results = build_report(out / "study", out / "study" / "report", bootstrap=bootstrap)
+    if mlflow:  # the report as one more run of the study's experiment
+        from megatron_cpt.report.load import study_runs
+        from megatron_cpt.report.tracking import log_report, sections
+
+        targets = sections(["mlflow"], {}, *study_runs(out / "study"))
+        if log_report(results, out / "study" / "report", targets, warn=log):
+            raise SystemExit("demo: the report could not be logged to MLflow (see above)")
     timings["report"] = time.time() - t
     timings["total"] = time.time() - t0
     results["demo"] = {"executor": kind, "timings_s": timings, "decontamination": decontam}
@@ -222,4 +241,7 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
           f"{effect.get('cells_compared')} cells")
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"report: {out / 'study' / 'report' / 'report.md'} (and report.html)")
+    if mlflow:
+        print(f"MLflow: mlflow ui --backend-store-uri file://{out / 'mlruns'} (experiment "
+              f"{study.name!r}: a run per cell and one for the report)")
     return results

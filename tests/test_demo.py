@@ -32,7 +32,8 @@ def demo(slurm_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "megatron_cpt", "demo", "--out", str(out),
-                           "--executor", "slurm", "--domains", *CORPORA, "--bootstrap", "200"],
+                           "--executor", "slurm", "--domains", *CORPORA, "--bootstrap", "200",
+                           "--mlflow"],
                           capture_output=True, text=True, cwd=REPO, env=_env(), timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"demo ({3 * len(CORPORA)} cells) on the local SLURM cluster: {time.time() - t0:.0f} s")
@@ -149,3 +150,41 @@ def test_demo_grid_reruns_to_identical_results(demo, tmp_path):
     first, second = _results(demo / "study"), _results(study)
     first.pop("study_dir"), second.pop("study_dir")
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+def test_demo_grid_tracked_in_one_mlflow_experiment(demo):
+    """`demo --mlflow` (issue 28): every cell of the grid, run by SLURM, is one run of one MLflow
+    experiment named after the study, tagged with its size, cell, kind and domain; each
+    iteration's loss is logged once and equals metrics.jsonl; `eval run` put every scored
+    checkpoint's scores on the same run at that checkpoint's step; the report is one more run."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cpt.training.tracking import eval_values
+
+    client = MlflowClient(tracking_uri=f"file://{demo / 'mlruns'}")
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["demo"]
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                              max_results=1000)
+    report = [r for r in runs if r.data.tags.get("kind") == "report"]
+    cells = {(r.data.tags["size"], r.data.tags["cell"]): r for r in runs if r not in report}
+    run_dirs = sorted(p.parent for p in (demo / "study" / "runs").glob("*/*/run.json"))
+    assert len(report) == 1 and len(cells) == len(runs) - 1 == len(run_dirs), \
+        sorted(cells)
+    for run_dir in run_dirs:
+        tracked = cells[(run_dir.parent.name, run_dir.name)]
+        tags = tracked.data.tags
+        assert tags["study"] == "demo" and tracked.info.status == "FINISHED", tags
+        assert tags["kind"] in ("general", "domain", "control", "replay"), tags
+        mid = tracked.info.run_id
+        losses = {r["iteration"]: r["loss"] for r in map(json.loads, (
+            run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"}
+        hist = client.get_metric_history(mid, "train/loss")
+        assert sorted(m.step for m in hist) == sorted(losses), run_dir  # each step once
+        assert {m.step: m.value for m in hist} == losses, run_dir
+        scored = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("*.json"))]
+        assert scored, f"no eval result in {run_dir}"
+        key = sorted(eval_values(scored[0]))[0]
+        want = {int(s["iteration"]): eval_values(s)[key] for s in scored if key in eval_values(s)}
+        got = {m.step: m.value for m in client.get_metric_history(mid, key)}
+        assert got == want, (run_dir, key)
+    print(f"MLflow: {len(cells)} cell runs + 1 report run in experiment 'demo'")

@@ -31,6 +31,9 @@ def register(sub, name: str, help_text: str) -> None:
     p.add_argument("--sizes", nargs="+", help="subset of the demo grid's sizes "
                    "(tiny-a, tiny-c, tiny-b)")
     p.add_argument("--bootstrap", **arg_range(int, 1), default=1000, help="report bootstrap replicates")
+    p.add_argument("--mlflow", action="store_true",
+                   help="track every cell, its exam scores and the report in an MLflow file "
+                   "store under OUT/mlruns (one experiment named after the study; no server)")
     p.add_argument("--conversion-check", action="store_true",
                    help="instead: convert tiny models and verify them against transformers "
                    "at TP/PP 1-2")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.keep:
         shutil.rmtree(args.out)
     run_study(args.out, executor=args.executor, corpora=args.domains, bootstrap=args.bootstrap,
-              sizes=args.sizes)
+              sizes=args.sizes, mlflow=args.mlflow)
     return 0
 
 
