@@ -152,7 +152,7 @@ def test_demo_grid_reruns_to_identical_results(demo, tmp_path):
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
-def test_demo_grid_tracked_in_one_mlflow_experiment(demo):
+def test_demo_grid_tracked_in_one_mlflow_experiment(demo, monkeypatch):
     """`demo --mlflow` (issue 28): every cell of the grid, run by SLURM, is one run of one MLflow
     experiment named after the study, tagged with its size, cell, kind and domain; each
     iteration's loss is logged once and equals metrics.jsonl; `eval run` put every scored
@@ -161,6 +161,7 @@ def test_demo_grid_tracked_in_one_mlflow_experiment(demo):
 
     from megatron_cpt.training.tracking import eval_values
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the demo's local store, read back
     client = MlflowClient(tracking_uri=f"file://{demo / 'mlruns'}")
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["demo"]
     runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id],

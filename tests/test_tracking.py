@@ -306,3 +306,28 @@ def test_report_unknown_tracker_is_an_argparse_error(study, tmp_path, capsys):
         _report(study, tmp_path / "report", "--log-to", "neptune")
     assert exc.value.code == 2
     assert "argument --log-to: invalid choice: 'neptune'" in capsys.readouterr().err
+
+
+def test_mlflow_experiment_created_by_a_racing_cell_is_used(tmp_path, monkeypatch):
+    """Cells of a grid start at once: when another cell creates the experiment between our
+    lookup and our create, MLflow refuses the create and we use the existing experiment (a
+    real file store; the lookup that misses it is the only thing staged)."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cpt.training.tracking import experiment_id
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path}/mlruns"
+    theirs = MlflowClient(tracking_uri=uri).create_experiment("study-x")
+
+    class LateLookup(MlflowClient):
+        missed = False
+
+        def get_experiment_by_name(self, name):
+            if not self.missed:  # the lookup ran before the other cell's create
+                self.missed = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    assert experiment_id(LateLookup(tracking_uri=uri), "study-x") == theirs
+    assert experiment_id(MlflowClient(tracking_uri=uri), "study-y") != theirs  # created

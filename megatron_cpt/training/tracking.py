@@ -158,8 +158,7 @@ class MlflowBackend:
         self.run_id = find_mlflow_run(client, cfg.experiment, info.run_id)
         self._resumed_status = None  # eval run: leave the training run's status as it was
         if self.run_id is None:
-            exp = client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+            exp_id = experiment_id(client, cfg.experiment)
             self.run_id = client.create_run(exp_id, run_name=info.name, tags={
                 MLFLOW_RUN_TAG: info.run_id, **info.tags,
                 **({"group": info.group} if info.group else {})}).info.run_id
@@ -208,6 +207,21 @@ class MlflowBackend:
     def close(self, exit_code: int) -> None:
         status = self._resumed_status or ("FINISHED" if exit_code == 0 else "KILLED")
         self.client.set_terminated(self.run_id, status)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment ``name``, created if missing. A grid starts its cells at
+    once: when another cell created it between our lookup and our create, use theirs."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_ALREADY_EXISTS (a racing cell)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_mlflow_run(client, experiment: str, rid: str) -> str | None:
