@@ -76,7 +76,7 @@ def table_block(results: dict, summary: dict | None) -> str:
 def mixture_block(results: dict) -> str | None:
     """The mixture law as fitted on the run's replay cells and the recommendation table; None
     when the run has none."""
-    from megatron_cpt.report.mixture_text import HEAD, fit_summary, table_rows
+    from megatron_cpt.report.mixture_text import HEAD, caveat, fit_summary, table_rows
 
     mix = results.get("mixture") or {}
     if not mix.get("domains"):
@@ -87,7 +87,10 @@ def mixture_block(results: dict) -> str | None:
            f"{mix['bootstrap']['replicates']} bootstrap refits over cells):", ""]
     for dom, m in mix["domains"].items():
         out += [f"- {fit_summary(dom, k.replace('_', ' '), f)}" for k, f in m["fits"].items()]
-    return "\n".join(out + ["", md_table(HEAD, table_rows(mix))])
+    out += ["", md_table(HEAD, table_rows(mix))]
+    out += [f"\nCaveat ({dom}): {c}" for dom, m in mix["domains"].items()
+            if (c := caveat(mix, m["recommendation"]))]
+    return "\n".join(out)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
