@@ -5,10 +5,12 @@
 2. base models: three tiny random Qwen2 sizes pretrained briefly on general text (so continued
    pretraining starts from a model that knows the language), published as Hugging Face
    folders and converted back to Megatron checkpoints, as a real Qwen2.5 would be;
-3. the grid (configs/study-demo.yaml): sizes x {general, legal, medical, control_legal},
-   TP2 / PP2, each cell evaluated on every checkpoint, submitted with `launch grid` to the
-   local SLURM cluster when one answers, else run with submitit's local executor;
-4. the report (report.md / report.html / results.json / plots).
+3. the grid (configs/study-demo.yaml): sizes x {general, legal, medical, control_legal,
+   legal_replay25 (legal with 25 % general data)}, TP2 / PP2, each cell evaluated on every
+   checkpoint, submitted with `launch grid` to the local SLURM cluster when one answers, else
+   run with submitit's local executor;
+4. the report (report.md / report.html / results.json / plots), with the mixture law fitted
+   over the legal, general and replay cells and the replay recommendation per size.
 """
 from __future__ import annotations
 
@@ -196,7 +198,10 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
         study = tracked_with_mlflow(study, out)
     cells = study.cells(sizes=sizes, corpora=corpora)
     chosen = {c.size.name: c.size for c in cells}
-    needed = sorted({c.corpus for c in cells} | {"general"})
+    # the corpora the cells train on (a replay cell blends its domain's and the general train
+    # prefix); general always: the tokenizer is fitted on its training text
+    needed = sorted({Path(p).name.removesuffix("_train") for c in cells
+                     for p, _ in c.train_blend(Path("."))} | {"general"})
     timings = {}
 
     t0 = time.time()
@@ -239,6 +244,11 @@ def run_study(out: Path, executor: str = "auto", corpora: list[str] | None = Non
     print(f"domain validation loss, specialized vs general at equal compute: specialized lower "
           f"at every compared point in {effect.get('specialized_lower_everywhere')} of "
           f"{effect.get('cells_compared')} cells")
+    if (results.get("mixture") or {}).get("domains"):
+        from megatron_cpt.report.mixture_text import terminal_lines
+
+        print()
+        print("\n".join(terminal_lines(results["mixture"])))
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"report: {out / 'study' / 'report' / 'report.md'} (and report.html)")
     if mlflow:

@@ -120,8 +120,9 @@ def test_cli_refuses_negative_workers_before_any_work(tmp_path, capsys):
 
 
 def test_each_cell_is_scored_on_the_exams_its_report_reads(tmp_path):
-    """The general run on every exam (each domain's SGER refers to it); a domain or control
-    run on its own domain's exam and the general exam (forgetting), never another domain's."""
+    """The general run on every exam (each domain's SGER refers to it); a domain, control or
+    replay run on its own domain's exam and the general exam (forgetting), never another
+    domain's."""
     from megatron_cpt.launch.grid import eval_job
     from megatron_cpt.launch.study import StudyConfig
 
@@ -133,4 +134,5 @@ def test_each_cell_is_scored_on_the_exams_its_report_reads(tmp_path):
     assert exams == {"tiny-a/general": ["general", "legal", "medical"],
                      "tiny-a/legal": ["general", "legal"],
                      "tiny-a/medical": ["general", "medical"],
-                     "tiny-a/control_legal": ["general", "legal"]}
+                     "tiny-a/control_legal": ["general", "legal"],
+                     "tiny-a/legal_replay25": ["general", "legal"]}

@@ -2,8 +2,10 @@
 through `launch grid` (job arrays per size, evaluation chained afterok), `launch status`, and
 the report, which must show the effect the study is about at toy scale: specialized runs reach
 a lower domain validation loss than the general run at equal compute, and (the study's own
-metric) beat the base model and the general run on their domain's exam. One demo run serves
-every test here (module fixture); the reproducibility test reruns part of its grid."""
+metric) beat the base model and the general run on their domain's exam; and the replay cells
+(legal with 25 % general data) train on the declared mix and feed the report's mixture law and
+replay recommendation. One demo run serves every test here (module fixture); the
+reproducibility test reruns part of its grid."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,9 @@ from conftest import REPO
 from test_slurm import _job
 
 SIZES = ("tiny-a", "tiny-c", "tiny-b")
-CORPORA = ["general", "legal", "medical", "control_legal"]  # the full demo: 3 sizes x 4 cells
+REPLAY = "legal_replay25"  # legal with general fraction 0.25 (configs/study-demo.yaml replay:)
+# the full demo: 3 sizes x 5 cells
+CORPORA = ["general", "legal", "medical", "control_legal", REPLAY]
 
 
 def _env() -> dict:
@@ -37,6 +41,7 @@ def demo(slurm_cluster, tmp_path_factory):
                           capture_output=True, text=True, cwd=REPO, env=_env(), timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"demo ({3 * len(CORPORA)} cells) on the local SLURM cluster: {time.time() - t0:.0f} s")
+    (out.parent / "demo_stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -126,6 +131,78 @@ def test_demo_exams_move(demo):
     md = (demo / "study" / "report" / "report.md").read_text()
     assert md.index("## Findings") < md.index("## Plots") < md.index("## Summary")
     print(f"domains with exam SGER > 1 and a CF test gain above base, per size: {shown}")
+
+
+def test_demo_replay_cells_and_the_mixture_law(demo):
+    """The replay cells train on the declared mix: data_blend.json (the samples the run
+    consumed from each prefix, read from Megatron's blend index) holds 25 % general samples to
+    within one sample (the blend's granularity). The report fits the mixture law over the
+    legal, general and replay cells (3 sizes x 3 general fractions x 4 checkpoints: the
+    9-parameter form), gives each loss's held-out (leave-one-cell-out) error, and per size a
+    recommended general fraction with its CI or, where the CI is unbounded, "not determinable
+    from this grid"; the demo prints the same."""
+    from megatron_cpt.report.mixture import NOT_DETERMINABLE
+    from megatron_cpt.run_folder import RunFolder
+
+    study = demo / "study"
+    for size in SIZES:
+        blend = json.loads(RunFolder(study / "runs" / size / REPLAY).data_blend_path.read_text())
+        assert blend["samples"] == 120 * 8, blend  # every sample of the budget
+        legal, general = blend["sources"]
+        assert legal["prefix"].endswith("/legal_train") and legal["weight"] == 0.75, blend
+        assert general["prefix"].endswith("/general_train") and general["weight"] == 0.25, blend
+        assert legal["samples"] + general["samples"] == blend["samples"]
+        assert abs(general["samples"] - 0.25 * blend["samples"]) <= 1, blend
+
+    results = _results(study)
+    mix = results["mixture"]
+    assert mix["general_loss_increase"] == 0.05 and list(mix["domains"]) == ["legal"], mix
+    legal = mix["domains"]["legal"]
+    cells = {f"{s}/{c}" for s in SIZES for c in ("general", "legal", REPLAY)}
+    heldout = {}
+    for name, f in legal["fits"].items():
+        assert f["status"] == "ok" and f["form"] == "dcpt", (name, f)
+        assert f["grid"] == {"points": 36, "cells": 9, "sizes": 3, "shares": 3,
+                             "token_values": 4}, f["grid"]
+        h = f["heldout"]
+        assert set(h["per_cell"]) == cells and all(v is not None for v in h["per_cell"].values())
+        assert 0 < h["rmse"] <= h["max_abs"] < 10, h
+        heldout[name] = h["rmse"]
+    rec = legal["recommendation"]
+    assert rec["status"] == "ok" and list(rec["sizes"]) == list(SIZES), rec
+    answers = {}
+    for size, r in rec["sizes"].items():
+        q = r["general_fraction"]
+        if q["determinable"]:
+            assert q["ci"][0] <= q["value"] <= q["ci"][1] and 0 <= q["value"] <= 1, q
+            answers[size] = q["value"]
+        else:
+            assert q["note"] == NOT_DETERMINABLE and q["ci"] is None, q
+            answers[size] = NOT_DETERMINABLE
+
+    md = (study / "report" / "report.md").read_text()
+    section = md[md.index("## Mixture law and replay recommendation"):md.index("## Cells")]
+    assert section.count("**held-out cell** (leave-one-cell-out) RMSE") == 2, section
+    for name, v in heldout.items():
+        assert f"{name.replace('_', ' ')}: form `dcpt`" in section
+        assert f"RMSE {v:.3g}, max |error|" in section, (name, v)
+    for size in SIZES:
+        row = next(line for line in section.splitlines() if line.startswith(f"| legal | {size} |"))
+        fraction = row.split(" | ")[2]
+        assert (NOT_DETERMINABLE in fraction) if answers[size] == NOT_DETERMINABLE \
+            else (f"{answers[size]:.1%} [" in fraction), (row, answers[size])
+    findings = md[md.index("## Findings"):md.index("## Plots")]
+    assert "Replay (legal): to keep general validation loss within +0.05" in findings
+    # a general-loss law that misses held-out cells by more than the budget says so
+    assert rec["general_loss_heldout_rmse"] == heldout["general_loss"]
+    assert rec["resolved"] == (heldout["general_loss"] <= 0.05)
+    assert ("Caveat (legal): the general-loss law misses a held-out cell" in section) \
+        == ("Caveat: the general-loss law misses" in findings) == (not rec["resolved"])
+    out = (demo.parent / "demo_stdout.txt").read_text()
+    assert "legal domain loss: dcpt on 36 points from 9 cells: L = " in out
+    assert f"held-out cell (leave-one-cell-out) RMSE {heldout['domain_loss']:.3g}" in out
+    print(f"mixture law (legal): held-out cell RMSE {heldout}; general fraction per size "
+          f"{answers}")
 
 
 def test_demo_grid_reruns_to_identical_results(demo, tmp_path):

@@ -205,6 +205,8 @@ def test_recommendation_on_a_synthetic_study_known_by_construction(tmp_path, cap
     md = (root / "report" / "report.md").read_text()
     assert "## Mixture law and replay recommendation" in md and "held-out cell" in md
     assert "Replay (legal): to keep general validation loss within +0.05" in md
+    # the general-loss law resolves the budget here (held-out error below 0.05): no caveat
+    assert m["recommendation"]["resolved"] and "Caveat" not in md
     # a tighter budget on the command line moves the answer up
     out2 = tmp_path / "r2"
     assert main(["report", "--study", str(root), "--bootstrap", "10", "--out", str(out2),
@@ -218,7 +220,16 @@ def test_recommendation_on_a_synthetic_study_known_by_construction(tmp_path, cap
     from megatron_cpt.report.mixture_text import plain_table
     capsys.readouterr()
     assert main(["plan", "--recommend", "--study", str(root), "--bootstrap", "40"]) == 0
-    assert plain_table(mix) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert plain_table(mix) in printed
+    assert "legal domain loss: dcpt on 48 points from 12 cells: L = " in printed
+    assert f"held-out cell (leave-one-cell-out) RMSE {m['fits']['domain_loss']['heldout']['rmse']:.3g}" \
+        in printed
+    # the README's demo block (python -m megatron_cpt.report.readme) from the same results.json
+    from megatron_cpt.report.readme import mixture_block
+    block = mixture_block(res)
+    assert "- legal general loss: dcpt on 48 points" in block and "| legal | 1.6b |" in block
+    assert mixture_block({"mixture": {"domains": {}}}) is None
 
 
 def test_unbounded_ci_is_not_determinable():

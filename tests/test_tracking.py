@@ -156,7 +156,7 @@ def test_study_cells_share_one_group_and_carry_their_tags():
         assert lg.tags == {"study": study.name, "size": cell.size.name, "cell": cell.corpus,
                            "kind": cell.kind, "domain": cell.domain or "general"}
         seen.add(lg.tags["kind"])
-    assert seen == {"general", "domain", "control"}
+    assert seen == {"general", "domain", "control", "replay"}
 
 
 def test_tracker_that_cannot_start_is_one_event_and_changes_no_loss(toy, untracked, tmp_path):

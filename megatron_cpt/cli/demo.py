@@ -27,7 +27,7 @@ def register(sub, name: str, help_text: str) -> None:
                    help="auto: the local SLURM cluster when `sinfo` answers, else submitit's "
                    "local executor")
     p.add_argument("--domains", nargs="+", help="subset of the demo grid's corpora "
-                   "(general, legal, medical, control_legal)")
+                   "(general, legal, medical, control_legal, legal_replay25)")
     p.add_argument("--sizes", nargs="+", help="subset of the demo grid's sizes "
                    "(tiny-a, tiny-c, tiny-b)")
     p.add_argument("--bootstrap", **arg_range(int, 1), default=1000, help="report bootstrap replicates")

@@ -110,7 +110,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from megatron_cpt.errors import UsageError
     from megatron_cpt.report.load import load_study
     from megatron_cpt.report.mixture import analyze_mixture
-    from megatron_cpt.report.mixture_text import plain_table
+    from megatron_cpt.report.mixture_text import terminal_lines
 
     if not args.study:
         raise UsageError("--recommend reads a finished study: pass --study STUDY_FOLDER")
@@ -126,16 +126,7 @@ def _recommend(args: argparse.Namespace) -> int:
         return 0
     if not mix["domains"]:
         raise UsageError(f"{folder} has no replay cells (declare `replay:` in the study YAML)")
-    print(f"replay recommendation: general validation loss at most "
-          f"+{mix['general_loss_increase']:g} nats over the base model ({mix['budget_source']}); "
-          f"95% CIs from {mix['bootstrap']['replicates']} bootstrap refits over cells")
-    print(plain_table(mix))
-    for dom, m in mix["domains"].items():
-        for k, f in m["fits"].items():
-            h = (f.get("heldout") or {}).get("rmse")
-            print(f"{dom} {k}: " + (f"{f['form']}, held-out cell RMSE {h:.3g}, in-sample R² "
-                                    f"{f['r2']:.3f}" if f["status"] == "ok" else
-                                    f"not fitted ({f['reason']})"))
+    print("\n".join(terminal_lines(mix)))
     return 0
 
 

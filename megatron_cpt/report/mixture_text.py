@@ -42,6 +42,38 @@ def plain_table(mix: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def law_text(f: dict) -> str:
+    """The fitted law with its point estimates, as one formula."""
+    p = f["params"]
+    return (f"L = {p['E']:.3g} + {p['A']:.3g}/n^{p['alpha']:.3g} + {p['B']:.3g}·r^{p['eta']:.3g}"
+            f"/d^{p['beta']:.3g} + {p['C']:.3g}/(r + {p['eps']:.3g})^{p['gamma']:.3g}, "
+            f"n = N/{f['n_scale']:.3g}, d = D/{f['d_scale']:.3g}")
+
+
+def fit_summary(domain: str, name: str, f: dict) -> str:
+    """One line per fitted loss for the terminal: form, grid, law, held-out and in-sample error."""
+    if f["status"] != "ok":
+        return f"{domain} {name}: not fitted ({f['reason']})"
+    h, g = f.get("heldout") or {}, f["grid"]
+    return (f"{domain} {name}: {f['form']} on {g['points']} points from {g['cells']} cells: "
+            f"{law_text(f)}; held-out cell (leave-one-cell-out) RMSE {_num(h.get('rmse'))}, "
+            f"max |error| {_num(h.get('max_abs'))}; in-sample R² {f['r2']:.3f}, "
+            f"RMSE {f['rmse']:.3g}")
+
+
+def terminal_lines(mix: dict) -> list[str]:
+    """The recommendation table and the fits behind it (``plan --recommend``, the demo)."""
+    out = [f"replay recommendation: general validation loss at most "
+           f"+{mix['general_loss_increase']:g} nats over the base model ({mix['budget_source']}); "
+           f"95% CIs from {mix['bootstrap']['replicates']} bootstrap refits over cells",
+           plain_table(mix)]
+    for dom, m in mix["domains"].items():
+        out += [fit_summary(dom, k.replace("_", " "), f) for k, f in m["fits"].items()]
+        if c := caveat(mix, m["recommendation"]):
+            out.append(f"caveat ({dom}): {c}")
+    return out
+
+
 def _fit_line(name: str, f: dict) -> str:
     if f["status"] != "ok":
         return f"- {name}: **not fitted**: {f['reason']}."
@@ -75,7 +107,20 @@ def section(mix: dict) -> list[str]:
     rows = table_rows(mix)
     out += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    return out
+    caveats = [f"Caveat ({dom}): {c}" for dom, m in mix["domains"].items()
+               if (c := caveat(mix, m["recommendation"]))]
+    return out + ([*caveats, ""] if caveats else [])
+
+
+def caveat(mix: dict, rec: dict) -> str | None:
+    """Why the answer is not to be trusted when the general-loss law's held-out error exceeds
+    the forgetting budget (the answer is read off that law against the budget)."""
+    h = rec.get("general_loss_heldout_rmse")
+    if h is None or rec.get("resolved", True):
+        return None
+    return (f"the general-loss law misses a held-out cell by {h:.3g} nats (RMSE), more than the "
+            f"+{mix['general_loss_increase']:g} budget, so these fractions are below what this "
+            "grid resolves.")
 
 
 def finding(mix: dict) -> list[str]:
@@ -92,5 +137,6 @@ def finding(mix: dict) -> list[str]:
             parts.append(f"{size}: {_q(r['general_fraction'], '{:.1%}')}")
         out.append(f"Replay ({dom}): to keep general validation loss within "
                    f"+{mix['general_loss_increase']:g} of the base model at the study's budget, "
-                   f"the smallest general share is " + "; ".join(parts) + " (95% CI).")
+                   f"the smallest general share is " + "; ".join(parts) + " (95% CI)."
+                   + (f" Caveat: {c}" if (c := caveat(mix, rec)) else ""))
     return out

@@ -4,7 +4,9 @@ in the README are never typed by hand:
     python -m megatron_cpt.report.readme demo_out [--readme README.md]
 
 Replaces the text between ``<!-- demo:NAME -->`` and ``<!-- /demo:NAME -->`` for NAME in
-``picture`` and ``table`` and copies the exam plot to docs/img/demo_exam.png.
+``picture`` and ``table`` (and ``mixture`` when the run has replay cells: the fitted mixture
+law, its held-out error and the replay recommendation) and copies the exam plot to
+docs/img/demo_exam.png.
 """
 from __future__ import annotations
 
@@ -71,6 +73,26 @@ def table_block(results: dict, summary: dict | None) -> str:
     return "\n".join(out)
 
 
+def mixture_block(results: dict) -> str | None:
+    """The mixture law as fitted on the run's replay cells and the recommendation table; None
+    when the run has none."""
+    from megatron_cpt.report.mixture_text import HEAD, caveat, fit_summary, table_rows
+
+    mix = results.get("mixture") or {}
+    if not mix.get("domains"):
+        return None
+    out = [f"The same run's mixture law and replay recommendation (report.md, \"Mixture law and "
+           f"replay recommendation\"; forgetting budget +{mix['general_loss_increase']:g} nats of "
+           f"general validation loss over the base model, 95% CIs from "
+           f"{mix['bootstrap']['replicates']} bootstrap refits over cells):", ""]
+    for dom, m in mix["domains"].items():
+        out += [f"- {fit_summary(dom, k.replace('_', ' '), f)}" for k, f in m["fits"].items()]
+    out += ["", md_table(HEAD, table_rows(mix))]
+    out += [f"\nCaveat ({dom}): {c}" for dom, m in mix["domains"].items()
+            if (c := caveat(mix, m["recommendation"]))]
+    return "\n".join(out)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pat = re.compile(rf"(<!-- demo:{name} -->\n).*?(\n<!-- /demo:{name} -->)", re.S)
     if not pat.search(text):
@@ -97,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     text = args.readme.read_text()
     text = replace_block(text, "picture", picture_block(results, IMAGE))
     text = replace_block(text, "table", table_block(results, summary))
+    if (mixture := mixture_block(results)) is not None:
+        text = replace_block(text, "mixture", mixture)
     args.readme.write_text(text)
     print(f"wrote the demo blocks of {args.readme} and {image} from {report / 'results.json'}")
     return 0
