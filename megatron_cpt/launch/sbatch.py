@@ -30,6 +30,23 @@ def _in_repo(path: Path) -> str:
         return str(path)
 
 
+def _directives(cell: Cell, job: str) -> list[str]:
+    """The job's ``#SBATCH`` options: shape, resources, requeue and the warning signal."""
+    size, res = cell.size, cell.study.resources
+    directives = [f"--job-name={job}", f"--nodes={size.nodes}",
+                  f"--ntasks-per-node={cell.tasks_per_node}"]
+    if res.gpus_per_node:
+        directives += [f"--gpus-per-node={res.gpus_per_node}", "--exclusive"]
+    directives += [f"--cpus-per-task={res.cpus_per_task}"]
+    if res.mem is not None:
+        directives.append(f"--mem={res.mem}")
+    for flag, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos)):
+        if value:
+            directives.append(f"--{flag}={value}")
+    return directives + [f"--time={size.time}", "--requeue", f"--signal=USR1@{size.signal_s}",
+                         "--open-mode=append", f"--output=slurm-{job}-%j.out"]
+
+
 def render(cell: Cell) -> str:
     check_resources(cell)
     check_memory(cell)  # a script for a cell that cannot fit is never written
@@ -41,19 +58,7 @@ def render(cell: Cell) -> str:
             "control": f"a random general sample size-matched to {cell.domain} (control)",
             "replay": f"the {cell.domain} corpus with {(cell.general_fraction or 0) * 100:g}% "
                       "general data replayed (weighted blend)"}[cell.kind]
-    directives = [f"--job-name={job}", f"--nodes={size.nodes}",
-                  f"--ntasks-per-node={cell.tasks_per_node}"]
-    if res.gpus_per_node:
-        directives += [f"--gpus-per-node={res.gpus_per_node}", "--exclusive"]
-    directives += [f"--cpus-per-task={res.cpus_per_task}"]
-    if res.mem is not None:
-        directives.append(f"--mem={res.mem}")
-    for flag, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos)):
-        if value:
-            directives.append(f"--{flag}={value}")
-    directives += [f"--time={size.time}", "--requeue", f"--signal=USR1@{size.signal_s}",
-                   "--open-mode=append", f"--output=slurm-{job}-%j.out"]
-    sbatch_lines = "\n".join(f"#SBATCH {d}" for d in directives)
+    sbatch_lines = "\n".join(f"#SBATCH {d}" for d in _directives(cell, job))
 
     overrides = cell.trainer_overrides(run_dir="$RUN_DIR", pretrained=f"$CKPT_ROOT/{size.model}",
                                        data_root="$DATA_ROOT")
